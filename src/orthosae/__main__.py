@@ -1,0 +1,5 @@
+import sys
+
+from orthosae.cli import main
+
+sys.exit(main())

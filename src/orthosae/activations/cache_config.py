@@ -1,0 +1,47 @@
+"""The `orthosae cache` config. Each field's docstring is its --help text."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from orthosae.errors import UserError
+
+
+@dataclass
+class CacheConfig:
+    out: str | None = None
+    """Cache directory to create (or to resume, if an earlier run was interrupted)."""
+    model: str = "smollm2-135m"
+    """Language model: 'smollm2-135m' (bundled, offline), a Hugging Face hub id, or a local directory."""
+    layer: int | None = None
+    """Decoder block whose output (resid_post) is cached, 0-based."""
+    tokens: int = 2_000_000
+    """Activations to cache (accepts 2M, 500k). BOS and special tokens are not counted or stored."""
+    corpus: str = "bundled"
+    """Text: 'bundled', a .txt/.jsonl/.parquet file, or a Hugging Face dataset id."""
+    text_field: str = "text"
+    """Field or column holding the text in .jsonl/.parquet corpora."""
+    context_size: int = 128
+    """Tokens per context, BOS included."""
+    batch_size: int = 8
+    """Contexts per forward pass."""
+    dtype: Literal["float32", "float16"] = "float32"
+    """Storage dtype of the cached activations."""
+    model_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype the model runs in."""
+    shard_tokens: int = 65_536
+    """Activations per shard file (rounded down to whole contexts)."""
+    progress: bool = True
+    """Show a progress bar with tokens/s and ETA."""
+
+    def validate(self) -> None:
+        if self.out is None:
+            raise UserError("--out is required: the cache directory to write")
+        if self.layer is None:
+            raise UserError("--layer is required: the decoder block whose output to cache (0-based)")
+        for name in ("tokens", "context_size", "batch_size", "shard_tokens"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.context_size < 2:
+            raise UserError("--context-size must be at least 2 (BOS plus one token)")

@@ -1,0 +1,109 @@
+"""One way for the trainer to consume activations: from a cache or harvested live, as float32 (B, d) batches.
+
+src = from_cache("cache/smol-l15", batch_size=4096, seed=0)
+src = stream_activations("smollm2-135m", 15, batch_size=4096, n_tokens=2_000_000)
+for x in src: ...            # x: (4096, d_model) float32
+src.d_model, src.metadata    # metadata goes into the SAE's cfg.json
+saved = src.state()          # small dict; pass as state= to resume at the same batch
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from orthosae.activations.buffer import CacheWindows, ShuffleBuffer
+from orthosae.activations.cache import open_cache
+from orthosae.activations.harvest import hook_name
+from orthosae.activations.stream import StreamWindows
+from orthosae.data.texts import describe
+from orthosae.models.blocks import check_layer
+from orthosae.models.loader import LoadedModel, load_model
+
+
+@dataclass
+class ActivationSource:
+    batches: ShuffleBuffer
+    d_model: int
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return self.batches
+
+    def __next__(self) -> torch.Tensor:
+        return next(self.batches)
+
+    def state(self) -> dict[str, Any]:
+        return self.batches.state()
+
+    @property
+    def epochs_completed(self) -> int:
+        return self.batches.epochs_completed
+
+
+def from_cache(
+    path: str | Path,
+    *,
+    batch_size: int,
+    seed: int = 0,
+    max_epochs: int | None = None,
+    window_tokens: int = 1 << 16,
+    chunk_tokens: int = 1024,
+    state: dict[str, Any] | None = None,
+    model: str | None = None,
+    layer: int | None = None,
+    verify: bool = True,
+) -> ActivationSource:
+    """Shuffled batches from an activation cache; `model`/`layer` (if given) must match the cache's."""
+    cache = open_cache(path, verify=verify)
+    cache.check_matches(model=model, layer=layer)
+    windows = CacheWindows(cache, seed=seed, window_tokens=window_tokens, chunk_tokens=chunk_tokens)
+    buffer = ShuffleBuffer(windows, batch_size=batch_size, seed=seed, max_epochs=max_epochs, state=state)
+    return ActivationSource(buffer, cache.d_model, cache.metadata())
+
+
+def stream_activations(
+    model_name: str,
+    layer: int,
+    corpus: str = "bundled",
+    context_size: int = 128,
+    batch_size: int = 4096,
+    n_tokens: int | None = None,
+    seed: int = 0,
+    *,
+    window_tokens: int = 1 << 15,
+    forward_batch: int = 8,
+    state: dict[str, Any] | None = None,
+    model: LoadedModel | None = None,
+    progress: bool = True,
+) -> ActivationSource:
+    """Shuffled batches harvested on the fly (one pass over about `n_tokens` tokens; no disk)."""
+    loaded = model or load_model(model_name)
+    layer = check_layer(layer, loaded.n_layers)
+    windows = StreamWindows(
+        loaded,
+        layer,
+        corpus=corpus,
+        context_size=context_size,
+        n_tokens=n_tokens,
+        window_tokens=window_tokens,
+        forward_batch=forward_batch,
+        progress=progress,
+    )
+    buffer = ShuffleBuffer(windows, batch_size=batch_size, seed=seed, max_epochs=1, state=state)
+    metadata = {
+        "model_id": loaded.model_id,
+        "model_revision": loaded.revision,
+        "layer": layer,
+        "hook_name": hook_name(layer),
+        "context_size": context_size,
+        "corpus": describe(corpus),
+        "d_model": loaded.d_model,
+        "activations": "stream",
+        "n_tokens": n_tokens,
+    }
+    return ActivationSource(buffer, loaded.d_model, metadata)

@@ -1,0 +1,294 @@
+"""Orthogonality penalty between decoder rows of features that fire together.
+
+For a batch of B tokens with TopK latents given sparsely as ``top_acts`` (B, k) and ``top_indices`` (B, k),
+a feature weight matrix ``W`` (n, d) and an EMA of each feature's mean activation ``ema_mean`` (n,):
+
+    m_bi   = 1[f_bi > ema_mean_i * threshold_ratio]          (a constant: no gradient through the mask)
+    A_bi   = f_bi * m_bi   ("product")   or   m_bi   ("binary", no gradient to the activations)
+    C      = A^T A                                            (n x n co-activation)
+    S_ij   = cos^2(w_i, w_j),  with w_hat = w / max(||w||, 1e-8)   (an all-zero row gives S = 0, not NaN)
+    L_orth = sum_{i<j} C_ij * S_ij                            (diagonal excluded, each unordered pair once)
+
+The mask is applied to the k stored entries of each token; entries outside the top-k are 0 and, as
+ema_mean >= 0, could never pass it anyway.
+
+Because C = A^T A, the same sum is  sum_b sum_{p<q} A_bp A_bq S(idx_bp, idx_bq)  over the k entries of
+each token (ids within a row are distinct), which is what the default ``pairwise`` method computes with one
+batched k x k Gram per token: O(B k^2 d) work and no n x n or B x n intermediate.
+
+``masked_dense`` (dense C over the features active in the batch) and ``sparse`` (C as a coalesced
+torch.sparse matrix) compute the same quantity the slow way; they exist as cross-checks and for benchmarks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from orthosae.errors import UserError
+
+METHODS: tuple[str, ...] = ("pairwise", "masked_dense", "sparse")
+COACTIVATIONS: tuple[str, ...] = ("product", "binary")
+
+NORM_EPS = 1e-8
+# Upper bound on one gathered block of weight rows (chunk x k x d for pairwise, 2 x pairs x d for sparse);
+# beyond one chunk, each chunk is recomputed in backward so that this also bounds what autograd keeps.
+CHUNK_BYTES = 64 * 2**20
+
+
+def orthogonality_penalty(
+    top_acts: torch.Tensor,
+    top_indices: torch.Tensor,
+    weight: torch.Tensor,
+    ema_mean: torch.Tensor,
+    *,
+    threshold_ratio: float = 0.1,
+    coactivation: str = "product",
+    method: str = "pairwise",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Return L_orth = sum_{i<j} (A^T A)_ij cos^2(w_i, w_j) as a 0-dim tensor (see the module docstring).
+
+    ``chunk_size`` is the number of tokens per chunk for ``method="pairwise"`` (None: as many as keep the
+    gathered rows within ~64 MiB); the other methods ignore it. Indices must lie in [0, n); that is not
+    checked here because checking it would sync with the device every step.
+    """
+    _check_inputs(top_acts, top_indices, weight, ema_mean, threshold_ratio, coactivation, method, chunk_size)
+    dtype = torch.promote_types(top_acts.dtype, weight.dtype)
+    mask = entry_mask(top_acts, top_indices, ema_mean, threshold_ratio)
+    acts = _apply_mask(top_acts, mask, coactivation).to(dtype)
+    rows_normed = normalize_rows(weight.to(dtype))
+    if method == "pairwise":
+        return _pairwise(acts, top_indices, rows_normed, chunk_size)
+    if method == "masked_dense":
+        return _masked_dense(acts, mask, top_indices, rows_normed)
+    return _sparse(acts, mask, top_indices, rows_normed)
+
+
+def entry_mask(
+    top_acts: torch.Tensor, top_indices: torch.Tensor, ema_mean: torch.Tensor, threshold_ratio: float
+) -> torch.Tensor:
+    """m (B, k) bool: entry above ``ema_mean * threshold_ratio``; from detached tensors, so a constant."""
+    return top_acts.detach() > ema_mean.detach()[top_indices] * threshold_ratio
+
+
+def masked_activations(
+    top_acts: torch.Tensor,
+    top_indices: torch.Tensor,
+    ema_mean: torch.Tensor,
+    threshold_ratio: float,
+    coactivation: str,
+) -> torch.Tensor:
+    """A (B, k): f * m for "product"; m as float for "binary" (so no gradient reaches the activations)."""
+    return _apply_mask(top_acts, entry_mask(top_acts, top_indices, ema_mean, threshold_ratio), coactivation)
+
+
+def _apply_mask(top_acts: torch.Tensor, mask: torch.Tensor, coactivation: str) -> torch.Tensor:
+    if coactivation == "binary":
+        return mask.to(top_acts.dtype)
+    return top_acts * mask.to(top_acts.dtype)
+
+
+def normalize_rows(weight: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit norm; the clamp keeps an all-zero row at zero instead of producing NaN."""
+    return weight / weight.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
+
+
+def strict_lower_mask(k: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(k, k) 0/1 matrix of the strict lower triangle: each pair once, each token's diagonal excluded."""
+    return torch.ones(k, k, dtype=dtype, device=device).tril(-1)
+
+
+def pairwise_penalty_from_rows(
+    acts_masked: torch.Tensor, rows_normed: torch.Tensor, strict_lower: torch.Tensor | None = None
+) -> torch.Tensor:
+    """sum_b sum_{p<q} A_bp A_bq (r_bp . r_bq)^2 for A (B, k) and already-normalised rows r (B, k, d).
+
+    The strict lower triangle skips each token's own diagonal (cos^2 = 1) and counts each pair once;
+    pass ``strict_lower_mask(k, ...)`` to reuse it across calls. No host sync: all shapes come from metadata.
+    """
+    k = acts_masked.shape[1]
+    gram_sq = torch.bmm(rows_normed, rows_normed.transpose(1, 2)).square()
+    if strict_lower is None:
+        strict_lower = strict_lower_mask(k, gram_sq.dtype, gram_sq.device)
+    gram_sq = gram_sq * strict_lower
+    # A_b^T (S_b masked) A_b as a batched bilinear form: avoids materialising the (B, k, k) outer product.
+    return torch.bmm(torch.bmm(acts_masked.unsqueeze(1), gram_sq), acts_masked.unsqueeze(2)).sum()
+
+
+def auto_chunk_size(k: int, d: int, element_size: int, budget_bytes: int | None = None) -> int:
+    """Tokens per chunk so that one gathered (chunk, k, d) block stays within ``budget_bytes``."""
+    budget = CHUNK_BYTES if budget_bytes is None else budget_bytes
+    return max(1, budget // max(1, k * d * element_size))
+
+
+def _pairwise(
+    acts: torch.Tensor, top_indices: torch.Tensor, rows_normed: torch.Tensor, chunk_size: int | None
+) -> torch.Tensor:
+    batch, k = acts.shape
+    d = rows_normed.shape[1]
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(k, d, rows_normed.element_size())
+    strict_lower = strict_lower_mask(k, rows_normed.dtype, rows_normed.device)
+    several = batch > chunk_size
+    total = _zero_in_graph(acts, rows_normed)
+    # The loop bounds come from shapes only, so chunking adds no device syncs.
+    for start in range(0, batch, chunk_size):
+        stop = start + chunk_size
+        args = (acts[start:stop], top_indices[start:stop], rows_normed, strict_lower)
+        total = total + _run_chunk(_pairwise_chunk, args, checkpointed=several)
+    return total
+
+
+def _pairwise_chunk(
+    acts: torch.Tensor, idx: torch.Tensor, rows_normed: torch.Tensor, strict_lower: torch.Tensor
+) -> torch.Tensor:
+    # embedding == row gather; its backward (a dense scatter-add) was the fastest of the gathers on CPU.
+    return pairwise_penalty_from_rows(acts, F.embedding(idx, rows_normed), strict_lower)
+
+
+def _run_chunk(
+    fn: Callable[..., torch.Tensor], args: tuple[torch.Tensor, ...], *, checkpointed: bool
+) -> torch.Tensor:
+    """Autograd would otherwise keep every chunk's gathered rows for backward, so chunking alone would not
+    bound memory; with several chunks, recompute each chunk's gather in backward instead (cheap here)."""
+    if checkpointed and torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
+    return fn(*args)
+
+
+def _masked_dense(
+    acts: torch.Tensor, mask: torch.Tensor, top_indices: torch.Tensor, rows_normed: torch.Tensor
+) -> torch.Tensor:
+    n = rows_normed.shape[0]
+    batch = acts.shape[0]
+    dense = acts.new_zeros(batch, n).scatter(1, top_indices, acts)
+    # Active = passes the mask for some token; judged on the mask, not on A != 0, so that the gradient
+    # matches the other methods even for a masked-in entry whose value is 0.
+    dense_mask = torch.zeros(batch, n, dtype=torch.bool, device=mask.device).scatter(1, top_indices, mask)
+    active = dense_mask.any(dim=0).nonzero().squeeze(1)
+    n_act = active.numel()
+    if n_act < 2:
+        return _zero_in_graph(acts, rows_normed)
+    a = dense[:, active]
+    w = rows_normed[active]
+    co = a.T @ a
+    cos_sq = (w @ w.T).square()
+    i, j = torch.tril_indices(n_act, n_act, -1, device=co.device)
+    return (co[i, j] * cos_sq[i, j]).sum()
+
+
+def _sparse(
+    acts: torch.Tensor, mask: torch.Tensor, top_indices: torch.Tensor, rows_normed: torch.Tensor
+) -> torch.Tensor:
+    n, d = rows_normed.shape
+    k = acts.shape[1]
+    # Enumerate each token's pairs p<q, orient them as (hi, lo) and let coalesce sum repeats across tokens:
+    # the result holds exactly the strict lower triangle of A^T A, with gradients through its values.
+    p, q = torch.triu_indices(k, k, 1, device=acts.device)
+    values = (acts[:, p] * acts[:, q]).reshape(-1)
+    a_ids = top_indices[:, p].reshape(-1)
+    b_ids = top_indices[:, q].reshape(-1)
+    keep = (mask[:, p] & mask[:, q]).reshape(-1)  # masked-out pairs would only store explicit zeros
+    hi = torch.maximum(a_ids, b_ids)[keep]
+    lo = torch.minimum(a_ids, b_ids)[keep]
+    if hi.numel() == 0:
+        return _zero_in_graph(acts, rows_normed)
+    co = torch.sparse_coo_tensor(
+        torch.stack([hi, lo]), values[keep], (n, n), check_invariants=False
+    ).coalesce()
+    co_values = co.values()
+    rows_i, rows_j = co.indices()
+    # Gather S only at C's coordinates, in chunks so the two (pairs, d) gathers stay bounded.
+    step = max(1, CHUNK_BYTES // (2 * d * rows_normed.element_size()))
+    several = co_values.numel() > step
+    total = _zero_in_graph(acts, rows_normed)
+    for start in range(0, co_values.numel(), step):
+        stop = start + step
+        args = (co_values[start:stop], rows_i[start:stop], rows_j[start:stop], rows_normed)
+        total = total + _run_chunk(_sparse_chunk, args, checkpointed=several)
+    return total
+
+
+def _sparse_chunk(
+    co_values: torch.Tensor, rows_i: torch.Tensor, rows_j: torch.Tensor, rows_normed: torch.Tensor
+) -> torch.Tensor:
+    wi = F.embedding(rows_i, rows_normed)
+    wj = F.embedding(rows_j, rows_normed)
+    # Row-wise dot as a batched (1 x d) @ (d x 1): about 2x faster fwd+bwd on CPU than (wi * wj).sum(1).
+    cos_sq = torch.bmm(wi.unsqueeze(1), wj.unsqueeze(2)).reshape(-1).square()
+    return (co_values * cos_sq).sum()
+
+
+def _zero_in_graph(acts: torch.Tensor, rows_normed: torch.Tensor) -> torch.Tensor:
+    """A 0 that is connected to both inputs (so backward works) with zero gradient; summing empty slices
+    cannot produce NaN even if the inputs hold inf."""
+    return acts.reshape(-1)[:0].sum() + rows_normed.reshape(-1)[:0].sum()
+
+
+def _check_inputs(
+    top_acts: torch.Tensor,
+    top_indices: torch.Tensor,
+    weight: torch.Tensor,
+    ema_mean: torch.Tensor,
+    threshold_ratio: float,
+    coactivation: str,
+    method: str,
+    chunk_size: int | None,
+) -> None:
+    """Metadata-only checks (shapes, dtypes, devices, options): nothing here reads tensor data."""
+    if method not in METHODS:
+        raise UserError(f"unknown orthogonality method {method!r}; expected one of {', '.join(METHODS)}")
+    if coactivation not in COACTIVATIONS:
+        raise UserError(f"unknown coactivation {coactivation!r}; expected one of {', '.join(COACTIVATIONS)}")
+    for name, t in (
+        ("top_acts", top_acts),
+        ("top_indices", top_indices),
+        ("weight", weight),
+        ("ema_mean", ema_mean),
+    ):
+        if not isinstance(t, torch.Tensor):
+            raise UserError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if top_acts.dim() != 2:
+        raise UserError(f"top_acts must be 2-D (batch, k), got shape {tuple(top_acts.shape)}")
+    if top_indices.shape != top_acts.shape:
+        raise UserError(
+            f"top_indices must have the same (batch, k) shape as top_acts {tuple(top_acts.shape)}, "
+            f"got {tuple(top_indices.shape)}"
+        )
+    if not top_acts.is_floating_point():
+        raise UserError(f"top_acts must be a floating-point tensor, got dtype {top_acts.dtype}")
+    if top_indices.dtype != torch.int64:
+        raise UserError(f"top_indices must have dtype torch.int64, got {top_indices.dtype}")
+    if weight.dim() != 2:
+        raise UserError(f"weight must be 2-D (n_features, d), got shape {tuple(weight.shape)}")
+    if not weight.is_floating_point():
+        raise UserError(f"weight must be a floating-point tensor, got dtype {weight.dtype}")
+    if ema_mean.shape != (weight.shape[0],):
+        raise UserError(
+            f"ema_mean must have shape ({weight.shape[0]},) to match weight's n_features, "
+            f"got {tuple(ema_mean.shape)}"
+        )
+    if not ema_mean.is_floating_point():
+        raise UserError(f"ema_mean must be a floating-point tensor, got dtype {ema_mean.dtype}")
+    devices = {t.device for t in (top_acts, top_indices, weight, ema_mean)}
+    if len(devices) > 1:
+        raise UserError(
+            "top_acts, top_indices, weight and ema_mean must be on one device, "
+            f"got {sorted(map(str, devices))}"
+        )
+    if (
+        isinstance(threshold_ratio, bool)
+        or not isinstance(threshold_ratio, (int, float))
+        or not math.isfinite(threshold_ratio)
+        or threshold_ratio < 0
+    ):
+        raise UserError(f"threshold_ratio must be a finite number >= 0, got {threshold_ratio!r}")
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise UserError(f"chunk_size must be None (automatic) or an integer >= 1, got {chunk_size!r}")

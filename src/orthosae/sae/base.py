@@ -1,0 +1,78 @@
+"""What every SAE shares: SAELens-layout parameters and the decoder-norm bookkeeping."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class SAEOutput:
+    """One forward pass. `top_acts`/`top_indices` are (B, k) for TopK; for ReLU they are None."""
+
+    x_hat: torch.Tensor
+    latents: torch.Tensor | None  # dense (B, d_sae) latents, where the architecture computes them
+    pre_acts: torch.Tensor  # post-ReLU encoder output before any selection, (B, d_sae)
+    top_acts: torch.Tensor | None = None
+    top_indices: torch.Tensor | None = None
+
+
+class SAE(nn.Module):
+    """Parameters named and laid out as SAELens does: W_enc (d_in, d_sae), b_enc, W_dec (d_sae, d_in), b_dec.
+
+    The input is centred by b_dec before encoding (dictionary_learning's and SAELens's
+    apply_b_dec_to_input), and b_dec is added back after decoding.
+    """
+
+    arch: str = ""
+
+    def __init__(self, d_in: int, d_sae: int, *, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+        super().__init__()
+        self.d_in, self.d_sae = d_in, d_sae
+        kw = {"dtype": dtype, "device": device}
+        self.W_enc = nn.Parameter(torch.zeros(d_in, d_sae, **kw))
+        self.b_enc = nn.Parameter(torch.zeros(d_sae, **kw))
+        self.W_dec = nn.Parameter(torch.zeros(d_sae, d_in, **kw))
+        self.b_dec = nn.Parameter(torch.zeros(d_in, **kw))
+
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        """ReLU of the encoder pre-activations, (B, d_sae)."""
+        return torch.relu((x - self.b_dec) @ self.W_enc + self.b_enc)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Dense decode of (B, d_sae) latents."""
+        return latents @ self.W_dec + self.b_dec
+
+    def forward(self, x: torch.Tensor) -> SAEOutput:  # pragma: no cover - defined by subclasses
+        raise NotImplementedError
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - defined by subclasses
+        raise NotImplementedError
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward(x).x_hat
+
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        """Project every decoder row back onto the unit sphere."""
+        norms = self.W_dec.norm(dim=1, keepdim=True)
+        self.W_dec.div_(norms.clamp_min(torch.finfo(self.W_dec.dtype).eps))
+
+    @torch.no_grad()
+    def remove_parallel_grad_(self) -> None:
+        """Drop the component of each decoder row's gradient along that row.
+
+        With unit-norm rows, that component would only change the norm, which the projection after the
+        step undoes anyway; removing it keeps Adam's moments from accumulating it.
+        """
+        if self.W_dec.grad is None:
+            return
+        unit = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-6)
+        parallel = (self.W_dec.grad * unit).sum(dim=1, keepdim=True)
+        self.W_dec.grad.sub_(parallel * unit)
+
+    def hyperparams(self) -> dict[str, object]:
+        """Architecture settings that cfg.json must hold to rebuild this module."""
+        return {"arch": self.arch, "d_in": self.d_in, "d_sae": self.d_sae}

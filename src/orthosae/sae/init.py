@@ -1,0 +1,31 @@
+"""Initialisation helpers."""
+
+from __future__ import annotations
+
+import torch
+
+
+@torch.no_grad()
+def geometric_median(points: torch.Tensor, max_iter: int = 100, tol: float = 1e-5) -> torch.Tensor:
+    """Weiszfeld's algorithm: the point minimising the summed Euclidean distance to `points` (N, d).
+
+    Used to initialise b_dec from the first batch; it is robust to the heavy-norm outlier tokens that
+    pull a plain mean.
+    """
+    pts = points.double()
+    guess = pts.mean(dim=0)
+    for _ in range(max_iter):
+        # A point sitting exactly on the guess would get infinite weight; the clamp keeps it finite.
+        weights = 1.0 / (pts - guess).norm(dim=1).clamp_min(1e-12)
+        weights = weights / weights.sum()
+        new = (weights[:, None] * pts).sum(dim=0)
+        moved = (new - guess).norm()
+        guess = new
+        if moved < tol:
+            break
+    return guess.to(points.dtype)
+
+
+def random_unit_rows(n: int, d: int, generator: torch.Generator) -> torch.Tensor:
+    w = torch.randn(n, d, generator=generator, dtype=torch.float64)
+    return (w / w.norm(dim=1, keepdim=True)).float()

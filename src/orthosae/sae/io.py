@@ -1,0 +1,160 @@
+"""Strict save/load: safetensors weights in SAELens layout plus a validated cfg.json.
+
+A file whose tensors, shapes, dtype or architecture disagree with its cfg.json is refused with a one-line
+`UserError`; nothing is ever loaded silently as something else.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as st_save
+
+from orthosae import __version__
+from orthosae.atomic import write_json, write_with
+from orthosae.errors import UserError
+from orthosae.sae.base import SAE
+from orthosae.sae.relu import ReLUSAE
+from orthosae.sae.topk import TopKSAE
+
+WEIGHTS_NAME = "sae.safetensors"
+CFG_NAME = "cfg.json"
+_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+_SAELENS_ARCH = {"topk": "topk", "relu": "standard"}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def sae_cfg(sae: SAE, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """cfg.json contents: our keys plus the SAELens keys that let its loaders read the file."""
+    hp = sae.hyperparams()
+    cfg: dict[str, Any] = {
+        "orthosae_version": __version__,
+        **hp,
+        "architecture": _SAELENS_ARCH[sae.arch],
+        "dtype": dtype_name(sae.W_dec.dtype),
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+    }
+    if sae.arch == "topk":
+        cfg["activation_fn_str"] = "topk"
+        cfg["activation_fn_kwargs"] = {"k": hp["k"]}
+    else:
+        cfg["activation_fn_str"] = "relu"
+    cfg.update(extra or {})
+    return cfg
+
+
+def save_sae(sae: SAE, directory: str | Path, extra_cfg: dict[str, Any] | None = None) -> Path:
+    """Write `sae.safetensors` and `cfg.json` into `directory` atomically (weights first)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {name: t.detach().contiguous().cpu() for name, t in _expected_tensors(sae).items()}
+    for name, t in tensors.items():
+        if not torch.isfinite(t).all():
+            raise UserError(f"refusing to save: SAE tensor '{name}' contains NaN or inf")
+    blob = st_save(tensors, metadata={"format": "pt"})
+    write_with(directory / WEIGHTS_NAME, lambda f: f.write(blob))
+    write_json(directory / CFG_NAME, sae_cfg(sae, extra_cfg))
+    return directory
+
+
+def _expected_tensors(sae: SAE) -> dict[str, torch.Tensor]:
+    out = {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
+    if isinstance(sae, TopKSAE):
+        out["threshold"] = sae.threshold
+    return out
+
+
+def read_cfg(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise UserError(f"missing {path.name} next to the weights: {path}; an SAE needs both files")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); restore it from the run that wrote it") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{path} must hold a JSON object, found {type(cfg).__name__}")
+    return cfg
+
+
+def _positive_int(cfg: dict[str, Any], key: str, path: Path) -> int:
+    value = cfg.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise UserError(f"{path}: '{key}' must be a positive integer, found {value!r}")
+    return value
+
+
+def build_from_cfg(cfg: dict[str, Any], path: Path, device: str = "cpu") -> SAE:
+    """An SAE module with the architecture cfg.json describes (weights still zero)."""
+    arch = cfg.get("arch")
+    if arch not in _SAELENS_ARCH:
+        raise UserError(f"{path}: 'arch' must be one of {sorted(_SAELENS_ARCH)}, found {arch!r}")
+    d_in, d_sae = _positive_int(cfg, "d_in", path), _positive_int(cfg, "d_sae", path)
+    dtype = _DTYPES.get(str(cfg.get("dtype", "float32")))
+    if dtype is None:
+        raise UserError(f"{path}: unsupported dtype {cfg.get('dtype')!r}; expected one of {sorted(_DTYPES)}")
+    if arch == "topk":
+        k = _positive_int(cfg, "k", path)
+        if k > d_sae:
+            raise UserError(f"{path}: k={k} is larger than d_sae={d_sae}")
+        return TopKSAE(d_in, d_sae, k, dtype=dtype, device=device)
+    return ReLUSAE(d_in, d_sae, dtype=dtype, device=device)
+
+
+def load_sae(path: str | Path, device: str = "cpu") -> tuple[SAE, dict[str, Any]]:
+    """Load an SAE from a run directory (or its sae.safetensors). Returns (sae, cfg)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"no SAE at {path}: the path does not exist")
+    weights = path / WEIGHTS_NAME if path.is_dir() else path
+    if not weights.is_file():
+        raise UserError(f"no {WEIGHTS_NAME} in {path}; point at a run directory written by orthosae train")
+    cfg_path = weights.parent / CFG_NAME
+    cfg = read_cfg(cfg_path)
+    sae = build_from_cfg(cfg, cfg_path, device)
+    expected = _expected_tensors(sae)
+    try:
+        with safe_open(str(weights), framework="pt", device="cpu") as f:
+            found = set(f.keys())
+            if found != set(expected):
+                missing, extra = sorted(set(expected) - found), sorted(found - set(expected))
+                what = f"missing {missing}, unexpected {extra}"
+                raise UserError(f"{weights}: tensors do not match a {cfg['arch']} SAE ({what})")
+            loaded = {name: f.get_tensor(name) for name in expected}
+    except SafetensorError as e:
+        raise UserError(f"{weights} is corrupt or truncated ({e}); re-save or re-train it") from None
+    except OSError as e:
+        raise UserError(f"cannot read {weights}: {e.strerror or e}") from None
+    for name, param in expected.items():
+        t = loaded[name]
+        if tuple(t.shape) != tuple(param.shape):
+            raise UserError(
+                f"{weights}: '{name}' has shape {tuple(t.shape)} but cfg.json implies {tuple(param.shape)}"
+            )
+        if t.dtype != param.dtype:
+            raise UserError(
+                f"{weights}: '{name}' is {dtype_name(t.dtype)} but cfg.json says {cfg.get('dtype')}"
+            )
+        if not torch.isfinite(t).all():
+            raise UserError(f"{weights}: '{name}' contains NaN or inf; the file is unusable")
+        with torch.no_grad():
+            param.copy_(t)
+    orth = cfg.get("orthogonality")
+    if isinstance(orth, dict) and orth.get("L_orth_init") is not None:
+        value = orth["L_orth_init"]
+        if not isinstance(value, int | float) or not math.isfinite(value):
+            raise UserError(f"{cfg_path}: orthogonality.L_orth_init must be a finite number, found {value!r}")
+    return sae.eval(), cfg

@@ -1,0 +1,1 @@
+"""Training: the per-step trainer, the loop around it, schedules and logging."""

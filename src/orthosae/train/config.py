@@ -1,0 +1,134 @@
+"""The training config. Each field's docstring is its `orthosae train --help` text."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from orthosae.errors import UserError
+from orthosae.orthogonality import COACTIVATIONS, METHODS
+
+
+@dataclass
+class TrainConfig:
+    # --- data -------------------------------------------------------------------------------------
+    activations: str | None = None
+    """Activations to train on: a .npy or .safetensors file of shape (N, d), or a cache directory."""
+    model: str | None = None
+    """Language model to harvest from on the fly (streaming, no cache): 'smollm2-135m', a hub id or a dir."""
+    layer: int | None = None
+    """Decoder block whose output (resid_post) is harvested when --model is given (0-based)."""
+    tokens: int | None = None
+    """Tokens to harvest when streaming from --model (accepts 2M, 500k); default steps × batch size."""
+    corpus: str = "bundled"
+    """Text to harvest from when streaming: 'bundled', a .txt/.jsonl/.parquet file, or a dataset id."""
+    context_size: int = 128
+    """Tokens per context when streaming (BOS included)."""
+    out: str = "runs/sae"
+    """Run directory; it receives sae.safetensors, cfg.json, config.toml and metrics.jsonl."""
+    overwrite: bool = False
+    """Allow --out to name a directory that already holds a trained SAE (it is replaced)."""
+
+    # --- architecture -----------------------------------------------------------------------------
+    arch: Literal["topk", "relu"] = "topk"
+    """SAE architecture: 'topk' (keep the k largest latents) or 'relu' (the standard ReLU + L1 SAE)."""
+    d_sae: int = 4096
+    """Number of latent features (the dictionary size)."""
+    k: int = 40
+    """Latents kept per token by TopK (ignored by relu)."""
+
+    # --- optimisation -----------------------------------------------------------------------------
+    steps: int = 1000
+    """Optimizer steps."""
+    batch_size: int = 4096
+    """Activations per optimizer step."""
+    lr: float | None = None
+    """Adam learning rate; default 2e-4/sqrt(d_sae/2^14) for topk, 3e-4 for relu."""
+    warmup_steps: int | None = None
+    """Linear lr warm-up steps; default min(1000, steps/10)."""
+    decay_start: float = 0.8
+    """Fraction of training after which the lr decays linearly to 0 (1.0 disables the decay)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 disables clipping)."""
+    l1: float = 0.04
+    """L1 coefficient of the relu SAE (latents weighted by decoder row norms)."""
+    auxk_alpha: float = 1 / 32
+    """Weight of the AuxK loss that revives dead latents (topk only; 0 disables it)."""
+    k_aux: int | None = None
+    """Dead latents used by AuxK per token; default d_in/2."""
+    dead_tokens: int = 10_000_000
+    """A latent that has not fired for this many tokens counts as dead (accepts 10M)."""
+    threshold_beta: float = 0.999
+    """EMA decay of the inference threshold (mean over tokens of the smallest top-k activation)."""
+    threshold_start_step: int | None = None
+    """Step from which the inference threshold is tracked; default: the end of warm-up."""
+
+    # --- orthogonality penalty --------------------------------------------------------------------
+    orth: bool = False
+    """Add the orthogonality penalty on co-active feature pairs (topk only)."""
+    orth_lambda: float = 1e-3
+    """λ: the penalty enters the loss as λ·(L_recon.detach()/L_orth_init)·L_orth."""
+    orth_threshold_ratio: float = 0.1
+    """An entry counts as active when f_bi > ema_mean_i × this ratio."""
+    orth_coactivation: Literal["product", "binary"] = "product"
+    """Co-activation weights: 'product' uses A = f·mask, 'binary' uses A = mask."""
+    orth_weight: Literal["decoder", "encoder"] = "decoder"
+    """Feature vectors compared by cos²: decoder rows, or encoder columns (the original code's choice)."""
+    orth_method: Literal["pairwise", "masked_dense", "sparse"] = "pairwise"
+    """Penalty implementation; all three are exact and equal, 'pairwise' is the fast one."""
+    orth_ema_decay: float = 0.99
+    """Decay of the per-feature EMA of mean activation used by the mask."""
+
+    # --- run --------------------------------------------------------------------------------------
+    seed: int = 0
+    """Seed for every random choice: initialisation and data order."""
+    device: str = "cpu"
+    """Torch device, e.g. cpu or cuda."""
+    log_every: int = 25
+    """Write a metrics.jsonl line every this many steps."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def validate(self) -> None:
+        if (self.activations is None) == (self.model is None):
+            raise UserError(
+                "give exactly one data source: --activations FILE_OR_CACHE or --model NAME --layer L"
+            )
+        if self.model is not None and self.layer is None:
+            raise UserError("--model needs --layer (the decoder block whose output to train on)")
+        for name in ("d_sae", "k", "steps", "batch_size", "log_every", "context_size", "dead_tokens"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.arch == "topk" and self.k > self.d_sae:
+            raise UserError(f"--k {self.k} is larger than --d-sae {self.d_sae}; k must be at most d_sae")
+        for name in ("l1", "auxk_alpha", "grad_clip", "orth_lambda", "orth_threshold_ratio"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be a finite number ≥ 0, got {value}")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise UserError(f"--lr must be a positive number, got {self.lr}")
+        if not 0.0 < self.decay_start <= 1.0:
+            raise UserError(f"--decay-start must be a fraction in (0, 1], got {self.decay_start}")
+        for name in ("threshold_beta", "orth_ema_decay"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise UserError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
+        if self.warmup_steps is not None and not 0 <= self.warmup_steps < self.steps:
+            raise UserError(f"--warmup-steps must be in [0, steps={self.steps}), got {self.warmup_steps}")
+        if self.k_aux is not None and self.k_aux <= 0:
+            raise UserError(f"--k-aux must be positive, got {self.k_aux}")
+        if self.orth and self.arch != "topk":
+            raise UserError("--orth applies to the topk architecture; use --arch topk or drop --orth")
+        assert self.orth_method in METHODS and self.orth_coactivation in COACTIVATIONS
+
+    # Derived values, in one place so the trainer and the saved cfg agree.
+    def resolved_lr(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 2e-4 / math.sqrt(self.d_sae / 2**14) if self.arch == "topk" else 3e-4
+
+    def resolved_warmup(self) -> int:
+        return self.warmup_steps if self.warmup_steps is not None else min(1000, self.steps // 10)
+
+    def resolved_threshold_start(self) -> int:
+        return self.threshold_start_step if self.threshold_start_step is not None else self.resolved_warmup()

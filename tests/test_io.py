@@ -1,0 +1,126 @@
+"""Strict save/load: round trip, and every mismatch refused with a one-line UserError."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from orthosae.errors import UserError
+from orthosae.sae import ReLUSAE, TopKSAE, load_sae, save_sae
+
+
+def _saved(tmp_path: Path, arch: str = "topk") -> Path:
+    gen = torch.Generator().manual_seed(0)
+    sae = TopKSAE(8, 32, 4, generator=gen) if arch == "topk" else ReLUSAE(8, 32, generator=gen)
+    with torch.no_grad():
+        sae.b_dec.normal_()
+    save_sae(sae, tmp_path / "run", {"hook_name": "blocks.3.hook_resid_post", "hook_layer": 3})
+    return tmp_path / "run"
+
+
+@pytest.mark.parametrize("arch", ["topk", "relu"])
+def test_round_trip_is_exact(tmp_path: Path, arch: str):
+    run = _saved(tmp_path, arch)
+    sae, cfg = load_sae(run)
+    tensors = load_file(run / "sae.safetensors")
+    for name, t in tensors.items():
+        assert torch.equal(getattr(sae, name), t)
+    assert cfg["hook_layer"] == 3 and cfg["d_in"] == 8 and cfg["d_sae"] == 32
+    # SAELens layout and names
+    assert tensors["W_enc"].shape == (8, 32) and tensors["W_dec"].shape == (32, 8)
+    assert ("threshold" in tensors) == (arch == "topk")
+    x = torch.randn(3, 8)
+    again, _ = load_sae(run / "sae.safetensors")
+    assert torch.equal(again.reconstruct(x), sae.reconstruct(x))
+
+
+def _edit_cfg(run: Path, **changes) -> None:
+    cfg = json.loads((run / "cfg.json").read_text())
+    cfg.update(changes)
+    (run / "cfg.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        ({"d_sae": 64}, "shape"),
+        ({"d_in": 9}, "shape"),
+        ({"arch": "relu"}, "unexpected ['threshold']"),
+        ({"arch": "gated"}, "'arch' must be one of"),
+        ({"k": 0}, "'k' must be a positive integer"),
+        ({"k": 99}, "larger than d_sae"),
+        ({"dtype": "float16"}, "is float32 but cfg.json says float16"),
+        ({"dtype": "int8"}, "unsupported dtype"),
+        ({"d_in": "8"}, "positive integer"),
+    ],
+)
+def test_cfg_mismatch_is_refused(tmp_path: Path, change: dict, fragment: str):
+    run = _saved(tmp_path)
+    _edit_cfg(run, **change)
+    with pytest.raises(UserError, match=None) as e:
+        load_sae(run)
+    assert fragment in str(e.value) and "\n" not in str(e.value)
+
+
+def test_truncated_weights(tmp_path: Path):
+    run = _saved(tmp_path)
+    blob = (run / "sae.safetensors").read_bytes()
+    (run / "sae.safetensors").write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(UserError, match="corrupt or truncated"):
+        load_sae(run)
+
+
+def test_garbage_weights(tmp_path: Path):
+    run = _saved(tmp_path)
+    (run / "sae.safetensors").write_bytes(b"\x00" * 100)
+    with pytest.raises(UserError, match="corrupt or truncated"):
+        load_sae(run)
+
+
+def test_missing_and_malformed_cfg(tmp_path: Path):
+    run = _saved(tmp_path)
+    (run / "cfg.json").write_text("{not json")
+    with pytest.raises(UserError, match="not valid JSON"):
+        load_sae(run)
+    (run / "cfg.json").write_text("[1, 2]")
+    with pytest.raises(UserError, match="JSON object"):
+        load_sae(run)
+    (run / "cfg.json").unlink()
+    with pytest.raises(UserError, match="missing cfg.json"):
+        load_sae(run)
+
+
+def test_missing_paths(tmp_path: Path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_sae(tmp_path / "nope")
+    with pytest.raises(UserError, match="no sae.safetensors"):
+        load_sae(tmp_path)
+
+
+def test_wrong_tensor_dtype_and_nan(tmp_path: Path):
+    run = _saved(tmp_path)
+    tensors = load_file(run / "sae.safetensors")
+    save_file({**tensors, "W_dec": tensors["W_dec"].half()}, run / "sae.safetensors")
+    with pytest.raises(UserError, match="'W_dec' is float16"):
+        load_sae(run)
+    bad = tensors["W_enc"].clone()
+    bad[0, 0] = float("nan")
+    save_file({**tensors, "W_enc": bad}, run / "sae.safetensors")
+    with pytest.raises(UserError, match="NaN"):
+        load_sae(run)
+
+
+def test_save_refuses_non_finite_and_keeps_previous_file(tmp_path: Path):
+    run = _saved(tmp_path)
+    before = (run / "sae.safetensors").read_bytes()
+    sae, _ = load_sae(run)
+    with torch.no_grad():
+        sae.W_dec[0, 0] = float("inf")
+    with pytest.raises(UserError, match="NaN or inf"):
+        save_sae(sae, run)
+    assert (run / "sae.safetensors").read_bytes() == before
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]

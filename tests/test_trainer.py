@@ -1,0 +1,171 @@
+"""The trainer against a literal, dense re-implementation of one step, plus ground-truth recovery."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from orthosae.sae.init import geometric_median
+from orthosae.synthetic import make_toy_model, max_cosines, sample_activations
+from orthosae.train.config import TrainConfig
+from orthosae.train.trainer import Trainer
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(activations="x.npy", d_sae=24, k=3, steps=50, batch_size=16, warmup_steps=5, seed=0)
+    return TrainConfig(**{**base, **kw})
+
+
+def _literal_orth(f: torch.Tensor, W: torch.Tensor, ema: torch.Tensor, ratio: float) -> torch.Tensor:
+    A = f * (f > ema * ratio)
+    C = A.T @ A
+    Wn = W / W.norm(dim=1, keepdim=True)
+    S = (Wn @ Wn.T) ** 2
+    n = f.shape[1]
+    return sum(C[i, j] * S[i, j] for i in range(n) for j in range(i))  # type: ignore[return-value]
+
+
+def _reference_first_step(cfg: TrainConfig, params: dict[str, torch.Tensor], x: torch.Tensor):
+    """One TopK(+orth) step written out densely: loss, parallel-grad removal, clip, Adam, projection."""
+    p = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
+    with torch.no_grad():
+        p["b_dec"].copy_(geometric_median(x))
+    pre = torch.relu((x - p["b_dec"]) @ p["W_enc"] + p["b_enc"])
+    vals, idx = pre.topk(cfg.k, dim=-1)
+    f = torch.zeros_like(pre).scatter(1, idx, vals)
+    x_hat = f @ p["W_dec"] + p["b_dec"]
+    recon = ((x - x_hat) ** 2).sum(dim=1).mean()
+    loss = recon
+    if cfg.orth:
+        ema = (1 - cfg.orth_ema_decay) * f.detach().mean(dim=0)
+        l_orth = _literal_orth(f, p["W_dec"], ema, cfg.orth_threshold_ratio)
+        loss = loss + cfg.orth_lambda * (recon.detach() / l_orth.detach()) * l_orth
+    loss.backward()
+    with torch.no_grad():
+        unit = p["W_dec"] / p["W_dec"].norm(dim=1, keepdim=True)
+        p["W_dec"].grad -= (p["W_dec"].grad * unit).sum(dim=1, keepdim=True) * unit
+    order = ["W_enc", "b_enc", "W_dec", "b_dec"]
+    torch.nn.utils.clip_grad_norm_([p[k] for k in order], cfg.grad_clip)
+    lr = cfg.resolved_lr() * 1 / (cfg.resolved_warmup() + 1)
+    opt = torch.optim.Adam([p[k] for k in order], lr=lr)
+    opt.step()
+    with torch.no_grad():
+        p["W_dec"] /= p["W_dec"].norm(dim=1, keepdim=True)
+    return p, float(loss)
+
+
+@pytest.mark.parametrize("orth", [False, True])
+def test_first_step_matches_literal_reference(orth: bool):
+    cfg = _cfg(orth=orth, orth_method="pairwise")
+    x = torch.randn(16, 8, generator=torch.Generator().manual_seed(1)) * 2 + 0.5
+    tr = Trainer(cfg, 8)
+    before = {k: v.detach().clone() for k, v in tr.sae.named_parameters()}
+    stats = tr.step(x)
+    ref, ref_loss = _reference_first_step(cfg, before, x)
+    assert math.isclose(float(stats["loss"]), ref_loss, rel_tol=1e-5)
+    for name, value in tr.sae.named_parameters():
+        assert torch.allclose(value, ref[name], rtol=1e-4, atol=1e-6), name
+        assert not torch.equal(value, before[name]), f"{name} did not move"
+
+
+def test_orth_state_ema_and_first_nonzero_init():
+    cfg = _cfg(orth=True)
+    tr = Trainer(cfg, 8)
+    gen = torch.Generator().manual_seed(2)
+    xs = [torch.randn(16, 8, generator=gen) for _ in range(3)]
+    ema = torch.zeros(24)
+    stats = []
+    with torch.no_grad():  # the trainer sets b_dec from the first batch before its first forward
+        tr.sae.b_dec.copy_(geometric_median(xs[0]))
+    for x in xs:
+        with torch.no_grad():
+            f = tr.sae.encode(x)  # the latents this step will see (parameters are updated after)
+        ema = 0.99 * ema + 0.01 * f.mean(dim=0)
+        stats.append(tr.step(x))
+        assert torch.allclose(tr.ema_mean, ema, atol=1e-7)
+    first = float(stats[0]["orth"])
+    assert first > 0 and float(tr.l_orth_init) == pytest.approx(first)
+    assert float(stats[2]["orth"]) != first  # the init stays fixed while L_orth moves
+
+
+def test_orth_init_waits_for_first_nonzero_value():
+    cfg = _cfg(orth=True, k=1)  # k=1: no pair is ever co-active, L_orth is 0
+    tr = Trainer(cfg, 8)
+    for _ in range(3):
+        s = tr.step(torch.randn(16, 8))
+        assert float(s["orth"]) == 0.0 and float(s["orth_scaled"]) == 0.0
+    assert float(tr.l_orth_init) == 0.0
+
+
+def test_dead_latents_feed_auxk():
+    cfg = _cfg(dead_tokens=16, d_sae=64, k=2)  # dead after one batch without firing
+    tr = Trainer(cfg, 8)
+    tr.step(torch.randn(16, 8))
+    s = tr.step(torch.randn(16, 8))
+    assert float(s["dead_frac"]) > 0 and float(s["auxk"]) > 0
+    assert int((tr.tokens_since_fired == 0).sum()) <= 2 * 16
+
+
+def test_inference_threshold_is_tracked_after_warmup():
+    cfg = _cfg(warmup_steps=2, threshold_beta=0.5)
+    tr = Trainer(cfg, 8)
+    x = torch.randn(16, 8)
+    tr.step(x)
+    tr.step(x)
+    assert float(tr.sae.threshold) < 0  # not before the threshold start
+    with torch.no_grad():
+        acts = tr.sae(x).top_acts
+    assert acts is not None
+    expected = acts.masked_fill(acts <= 0, math.inf).min(dim=1).values.mean()
+    tr.step(x)
+    assert float(tr.sae.threshold) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_relu_step_uses_weighted_l1_and_leaves_decoder_norms_free():
+    cfg = _cfg(arch="relu", l1=0.5)
+    tr = Trainer(cfg, 8)
+    s = tr.step(torch.randn(16, 8))
+    assert float(s["l1_weighted"]) == pytest.approx(0.5 * float(s["l1"]))
+    assert float(s["loss"]) == pytest.approx(float(s["recon"]) + float(s["l1_weighted"]), rel=1e-6)
+    norms = tr.sae.W_dec.norm(dim=1)
+    assert not torch.allclose(norms, torch.ones_like(norms))
+
+
+def _train_toy(cfg: TrainConfig, steps: int) -> tuple[Trainer, torch.Tensor]:
+    toy = make_toy_model(64, 32, p_active=0.05, seed=cfg.seed)
+    x, _ = sample_activations(toy, steps * cfg.batch_size, seed=cfg.seed)
+    tr = Trainer(cfg, 32)
+    for s in range(steps):
+        tr.step(x[s * cfg.batch_size : (s + 1) * cfg.batch_size])
+    return tr, max_cosines(toy.directions, tr.sae.W_dec.detach())
+
+
+@pytest.mark.parametrize("orth", [False, True])
+def test_recovers_known_sparse_dictionary(orth: bool):
+    """A toy superposition model (64 true directions in 32 dims, ~3 active per sample): TopK must find them.
+
+    Measured (seeds 0-2, no orth): trained mean max-cosine 0.997-0.998, min 0.993; untrained 0.43-0.44.
+    """
+    cfg = _cfg(d_sae=128, k=4, steps=400, batch_size=256, warmup_steps=20, lr=1e-2, orth=orth)
+    untrained = max_cosines(make_toy_model(64, 32, seed=0).directions, Trainer(cfg, 32).sae.W_dec.detach())
+    assert float(untrained.mean()) < 0.6
+    _, mc = _train_toy(cfg, 400)
+    assert float(mc.mean()) > 0.97, mc.mean()
+
+
+def test_state_dict_round_trip_continues_identically():
+    cfg = _cfg(orth=True, dead_tokens=16)
+    gen = torch.Generator().manual_seed(5)
+    xs = [torch.randn(16, 8, generator=gen) for _ in range(6)]
+    a = Trainer(cfg, 8)
+    for x in xs[:3]:
+        a.step(x)
+    b = Trainer(cfg, 8)
+    b.load_state_dict(a.state_dict())
+    for x in xs[3:]:
+        sa, sb = a.step(x), b.step(x)
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    for (name, pa), pb in zip(a.sae.named_parameters(), b.sae.parameters(), strict=True):
+        assert torch.equal(pa, pb), name
