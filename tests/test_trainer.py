@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from orthosae.errors import UserError
 from orthosae.sae.init import geometric_median
 from orthosae.synthetic import make_toy_model, max_cosines, sample_activations
 from orthosae.train.config import TrainConfig
@@ -169,3 +170,23 @@ def test_state_dict_round_trip_continues_identically():
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
     for (name, pa), pb in zip(a.sae.named_parameters(), b.sae.parameters(), strict=True):
         assert torch.equal(pa, pb), name
+
+
+def test_non_finite_batches_are_skipped_up_to_a_bound():
+    cfg = _cfg(orth=True, max_skipped_batches=2)
+    tr = Trainer(cfg, 8)
+    good = torch.randn(16, 8)
+    tr.step(good)
+    before = {k: v.detach().clone() for k, v in tr.sae.state_dict().items()}
+    ema, fired = tr.ema_mean.clone(), tr.tokens_since_fired.clone()
+    bad = good.clone()
+    bad[3, 2] = float("nan")
+    s = tr.step(bad)
+    assert float(s["skipped"]) == 1.0 and tr.skipped == 1
+    for k, v in tr.sae.state_dict().items():
+        assert torch.equal(v, before[k]), k  # nothing moved
+    assert torch.equal(tr.ema_mean, ema) and torch.equal(tr.tokens_since_fired, fired)
+    assert float(tr.step(good)["skipped"]) == 0.0
+    tr.step(bad)
+    with pytest.raises(UserError, match="--max-skipped-batches 2"):
+        tr.step(bad)

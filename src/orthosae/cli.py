@@ -1,25 +1,19 @@
-"""`orthosae` command line. Each sub-command's options come from a config dataclass's field docs."""
+"""`orthosae` command line. Each sub-command lives in orthosae.commands.<name> and registers itself;
+its options come from a config dataclass's field docs."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
 from orthosae import __version__
-from orthosae.config import add_arguments, resolve
 from orthosae.errors import UserError
 
-
-def _train(ns: argparse.Namespace) -> int:
-    from orthosae.train.config import TrainConfig
-    from orthosae.train.loop import train
-
-    cfg = resolve(TrainConfig, ns, ns.config)
-    out = train(cfg)
-    print(f"saved SAE to {out}")
-    return 0
+# Sub-commands in --help order. Add a module under orthosae/commands/ and its name here.
+COMMANDS = ("train", "cache")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -29,54 +23,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _cache(ns: argparse.Namespace) -> int:
-    from orthosae.activations.cache import build_cache
-    from orthosae.activations.cache_config import CacheConfig
-
-    cfg = resolve(CacheConfig, ns, ns.config)
-    assert cfg.out is not None and cfg.layer is not None
-    model = None
-    if cfg.model_dtype != "float32":
-        from orthosae.models import load_model
-
-        model = load_model(cfg.model, dtype=cfg.model_dtype)
-    out = build_cache(
-        cfg.out,
-        model_name=cfg.model,
-        layer=cfg.layer,
-        n_tokens=cfg.tokens,
-        corpus=cfg.corpus,
-        text_field=cfg.text_field,
-        context_size=cfg.context_size,
-        batch_size=cfg.batch_size,
-        dtype=cfg.dtype,
-        model=model,
-        shard_tokens=cfg.shard_tokens,
-        progress=cfg.progress,
-    )
-    print(f"cache ready at {out}")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from orthosae.activations.cache_config import CacheConfig
-    from orthosae.train.config import TrainConfig
-
-    parser = _Parser(
-        prog="orthosae", description="Train and evaluate TopK SAEs with an orthogonality regulariser."
-    )
+    description = "Train and evaluate TopK SAEs with an orthogonality regulariser."
+    parser = _Parser(prog="orthosae", description=description)
     parser.add_argument("--version", action="version", version=f"orthosae {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("train", help="train an SAE on activations", description="Train an SAE.")
-    p.add_argument("--config", metavar="TOML", help="read options from a TOML file; flags override it")
-    add_arguments(p, TrainConfig)
-    p.set_defaults(func=_train)
-
-    p = sub.add_parser("cache", help="harvest activations into an on-disk cache", description="Build a cache.")
-    p.add_argument("--config", metavar="TOML", help="read options from a TOML file; flags override it")
-    add_arguments(p, CacheConfig)
-    p.set_defaults(func=_cache)
+    for name in COMMANDS:
+        importlib.import_module(f"orthosae.commands.{name}").register(sub)
     return parser
 
 

@@ -85,6 +85,9 @@ class TrainConfig:
     """Seed for every random choice: initialisation and data order."""
     device: str = "cpu"
     """Torch device, e.g. cpu or cuda."""
+    max_skipped_batches: int = 0
+    """Skip up to this many batches whose loss is NaN/inf before stopping (checking costs a host sync per
+    step); 0 stops the run, without saving, at the first logging step that sees a non-finite loss."""
     log_every: int = 25
     """Write a metrics.jsonl line every this many steps."""
     progress: bool = True
@@ -115,6 +118,8 @@ class TrainConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
         if self.warmup_steps is not None and not 0 <= self.warmup_steps < self.steps:
             raise UserError(f"--warmup-steps must be in [0, steps={self.steps}), got {self.warmup_steps}")
+        if self.max_skipped_batches < 0:
+            raise UserError(f"--max-skipped-batches must be ≥ 0, got {self.max_skipped_batches}")
         if self.k_aux is not None and self.k_aux <= 0:
             raise UserError(f"--k-aux must be positive, got {self.k_aux}")
         if self.orth and self.arch != "topk":

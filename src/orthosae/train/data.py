@@ -42,7 +42,9 @@ def _live_stream(cfg: TrainConfig) -> ActivationStream:
 
     assert cfg.model is not None and cfg.layer is not None
     # Each context loses its BOS (and documents their EOS) to the special-token filter: ask for 5% extra.
-    n_tokens = cfg.tokens if cfg.tokens is not None else int(cfg.steps * cfg.batch_size * 1.05) + cfg.context_size
+    n_tokens = cfg.tokens
+    if n_tokens is None:
+        n_tokens = int(cfg.steps * cfg.batch_size * 1.05) + cfg.context_size
     src = stream_activations(
         cfg.model,
         cfg.layer,

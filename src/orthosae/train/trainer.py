@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from orthosae.errors import UserError
 from orthosae.losses import auxk_loss, l1_penalty, reconstruction_loss, scaled_orthogonality
 from orthosae.orthogonality import orthogonality_penalty
 from orthosae.sae import SAE, ReLUSAE, TopKSAE
@@ -41,6 +42,7 @@ class Trainer:
         self.ema_mean = torch.zeros(n, device=dev)  # μ of the orthogonality mask
         self.l_orth_init = torch.zeros((), device=dev)  # first non-zero L_orth, 0 until seen
         self.step_idx = 0
+        self.skipped = 0  # batches dropped for a non-finite loss
 
     def step(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """One optimizer step on a (B, d_in) batch. Returns detached 0-dim tensors (no host sync)."""
@@ -48,10 +50,14 @@ class Trainer:
         if self.step_idx == 0 and self.is_topk:
             with torch.no_grad():
                 sae.b_dec.copy_(geometric_median(x))
+        guard = cfg.max_skipped_batches > 0
+        saved = self._running_state() if guard else None
         out = sae(x)
         terms = self._loss_terms(x, out)
         loss = sum(terms[name] for name in ("recon", "auxk_weighted", "l1_weighted", "orth_scaled"))
         assert isinstance(loss, torch.Tensor)
+        if saved is not None and not bool(torch.isfinite(loss)):
+            return self._skip(saved, terms, loss)
 
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -65,7 +71,34 @@ class Trainer:
             sae.normalize_decoder_()
         self.step_idx += 1
         terms["loss"] = loss
+        terms["skipped"] = torch.zeros((), device=loss.device)
         return {name: t.detach() for name, t in terms.items()}
+
+    def _running_state(self) -> list[torch.Tensor]:
+        """Copies of the statistics a forward pass updates, to restore if the batch is skipped."""
+        state = [self.tokens_since_fired, self.ema_mean, self.l_orth_init]
+        if isinstance(self.sae, TopKSAE):
+            state.append(self.sae.threshold)
+        return [t.clone() for t in state]
+
+    def _skip(self, saved: list[torch.Tensor], terms: dict[str, torch.Tensor], loss: torch.Tensor):
+        self.skipped += 1
+        if self.skipped > self.cfg.max_skipped_batches:
+            raise UserError(
+                f"loss was {float(loss)} on {self.skipped} batches, more than --max-skipped-batches "
+                f"{self.cfg.max_skipped_batches}; stopping without saving; check the data or lower --lr"
+            )
+        current = [self.tokens_since_fired, self.ema_mean, self.l_orth_init]
+        if isinstance(self.sae, TopKSAE):
+            current.append(self.sae.threshold)
+        with torch.no_grad():
+            for dst, src in zip(current, saved, strict=True):
+                dst.copy_(src)
+        # Keep the statistics finite for logging; `skipped` tells the batch apart.
+        stats = {name: torch.zeros_like(t.detach()) for name, t in terms.items()}
+        stats["loss"] = torch.zeros((), device=loss.device)
+        stats["skipped"] = torch.ones((), device=loss.device)
+        return stats
 
     def _loss_terms(self, x: torch.Tensor, out: Any) -> dict[str, torch.Tensor]:
         cfg, sae = self.cfg, self.sae
@@ -161,6 +194,7 @@ class Trainer:
                 "ema_mean": self.ema_mean.clone(),
                 "l_orth_init": self.l_orth_init.clone(),
                 "step": self.step_idx,
+            "skipped": self.skipped,
             }
         )
 
@@ -172,3 +206,4 @@ class Trainer:
         self.ema_mean.copy_(state["ema_mean"])
         self.l_orth_init.copy_(state["l_orth_init"])
         self.step_idx = int(state["step"])
+        self.skipped = int(state.get("skipped", 0))

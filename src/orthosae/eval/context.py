@@ -1,0 +1,53 @@
+"""What every evaluation needs: the SAE, its cfg, and (loaded lazily, once) the language model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from orthosae.errors import UserError
+from orthosae.models.loader import LoadedModel, load_model
+from orthosae.sae import SAE, load_sae
+
+
+@dataclass
+class EvalContext:
+    sae: SAE
+    sae_cfg: dict[str, Any]
+    model_name: str
+    layer: int
+    run_dir: Path | None = None
+    device: str = "cpu"
+    seed: int = 42
+    progress: bool = True
+    _model: LoadedModel | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_run(
+        cls,
+        run_dir: str | Path,
+        *,
+        model_name: str | None = None,
+        layer: int | None = None,
+        device: str = "cpu",
+        seed: int = 42,
+        progress: bool = True,
+        model: LoadedModel | None = None,
+    ) -> EvalContext:
+        """Load the SAE in `run_dir`; the model and layer default to the ones recorded in its cfg.json."""
+        sae, cfg = load_sae(run_dir, device=device)
+        name = model_name or cfg.get("model_name")
+        hook_layer = layer if layer is not None else cfg.get("hook_layer")
+        if name is None or hook_layer is None:
+            raise UserError(
+                f"{run_dir}: cfg.json records no model/layer (trained from a plain array?); "
+                "pass --model and --layer"
+            )
+        return cls(sae, cfg, str(name), int(hook_layer), Path(run_dir), device, seed, progress, model)
+
+    @property
+    def model(self) -> LoadedModel:
+        if self._model is None:
+            self._model = load_model(self.model_name, device=self.device)
+        return self._model

@@ -1,0 +1,60 @@
+"""The results JSON: SAEBench's layout (the seed's key schema), one section per evaluation."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from orthosae.eval.context import EvalContext
+
+# Top-level keys of the combined results file, as in the seed's result dictionaries.
+SECTION_KEYS = {
+    "core": "core evaluation results",
+    "absorption": "absorption evaluation results",
+    "sparse_probing": "sparse probing evaluation results",
+    "unlearning": "unlearning evaluation results",
+}
+
+
+def sae_cfg_dict(ctx: EvalContext) -> dict[str, Any]:
+    """The `sae_cfg_dict` block SAEBench attaches to every section."""
+    cfg = ctx.sae_cfg
+    return {
+        "model_name": ctx.model_name,
+        "d_in": cfg.get("d_in"),
+        "d_sae": cfg.get("d_sae"),
+        "hook_layer": ctx.layer,
+        "hook_name": f"blocks.{ctx.layer}.hook_resid_post",
+        "architecture": cfg.get("architecture"),
+        "apply_b_dec_to_input": True,
+        "activation_fn_str": cfg.get("activation_fn_str"),
+        "k": cfg.get("k"),
+        "normalize_activations": cfg.get("normalize_activations", "none"),
+        "dtype": cfg.get("dtype"),
+        "orthogonality": cfg.get("orthogonality"),
+    }
+
+
+def section(
+    ctx: EvalContext,
+    eval_type_id: str,
+    eval_config: dict[str, Any],
+    metrics: dict[str, Any],
+    details: list[dict[str, Any]] | None = None,
+    unstructured: Any = None,
+) -> dict[str, Any]:
+    """One evaluation's result block with SAEBench's envelope keys."""
+    from orthosae import __version__
+
+    return {
+        "eval_type_id": eval_type_id,
+        "eval_config": eval_config,
+        "eval_id": str(uuid.uuid4()),
+        "datetime_epoch_millis": int(time.time() * 1000),
+        "eval_result_metrics": metrics,
+        "eval_result_details": details or [],
+        "orthosae_version": __version__,
+        "sae_cfg_dict": sae_cfg_dict(ctx),
+        "eval_result_unstructured": unstructured,
+    }
