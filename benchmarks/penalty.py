@@ -100,6 +100,10 @@ def encoder_step(inputs: Inputs) -> Callable[[], float]:
     return step
 
 
+def _load() -> str:
+    return f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "n/a"
+
+
 def _status_kib(key: str) -> int | None:
     try:
         with open("/proc/self/status") as f:
@@ -189,7 +193,7 @@ def main() -> None:
 
     print(
         f"machine: {platform.machine()} {platform.processor() or ''} cpu_count={os.cpu_count()} "
-        f"torch={torch.__version__} threads={torch.get_num_threads()}"
+        f"torch={torch.__version__} threads={torch.get_num_threads()} load_avg_1min={_load()}"
     )
     print(
         f"shape: B={args.batch} d={args.d} n={args.n} k={args.k} coactivation={args.coactivation} "
@@ -209,6 +213,7 @@ def main() -> None:
     rows.append(measure(ENCODER, encoder_step(inputs), args.repeats))
     print()
     print_table(rows)
+    print(f"\nload_avg_1min at the end: {_load()} (other processes on the machine skew the timings)")
 
 
 if __name__ == "__main__":

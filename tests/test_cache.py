@@ -209,3 +209,27 @@ def test_float16_and_corpus_exhausted(tmp_path: Path, model_dir: Path) -> None:
     t = time.perf_counter()
     list(cache.iter_shards())
     assert time.perf_counter() - t < 5
+
+
+def test_remove_high_norm_drops_sink_tokens():
+    """A planted token at 1000× the median norm is dropped; the others are kept."""
+    from orthosae.activations import harvest as harvest_mod
+    from orthosae.data.pack import Contexts
+
+    acts = torch.ones(2, 5, 3)
+    acts[1, 2] *= 1000.0
+
+    class _Loaded:
+        n_layers, d_model = 2, 3
+        model = torch.nn.Linear(1, 1)
+
+    batch = Contexts(torch.zeros(2, 5, dtype=torch.long), torch.ones(2, 5, dtype=torch.bool), 0)
+    original = harvest_mod.resid_post
+    harvest_mod.resid_post = lambda model, ids, layer, attention_mask=None: acts
+    try:
+        kept = next(harvest_mod.harvest(_Loaded(), 1, [batch], remove_high_norm=10.0))  # type: ignore[arg-type]
+        everything = next(harvest_mod.harvest(_Loaded(), 1, [batch], remove_high_norm=0.0))  # type: ignore[arg-type]
+    finally:
+        harvest_mod.resid_post = original
+    assert len(kept.acts) == 9 and len(everything.acts) == 10
+    assert not ((kept.context_index == 1) & (kept.position == 2)).any()

@@ -66,8 +66,27 @@ def test_cfg_mismatch_is_refused(tmp_path: Path, change: dict, fragment: str):
     assert fragment in str(e.value) and "\n" not in str(e.value)
 
 
+def _without_checksum(run: Path) -> None:
+    """As for a file written by another tool: the parser, not the checksum, must catch the damage."""
+    cfg = json.loads((run / "cfg.json").read_text())
+    del cfg["weights_sha256"]
+    (run / "cfg.json").write_text(json.dumps(cfg))
+
+
+def test_checksum_catches_a_flipped_bit(tmp_path: Path):
+    run = _saved(tmp_path)
+    blob = bytearray((run / "sae.safetensors").read_bytes())
+    blob[-3] ^= 0x04  # inside the tensor data: still a valid, finite file
+    (run / "sae.safetensors").write_bytes(bytes(blob))
+    with pytest.raises(UserError, match="does not match the sha256"):
+        load_sae(run)
+    _without_checksum(run)
+    load_sae(run)  # without the checksum the damage is invisible, which is why it is recorded
+
+
 def test_truncated_weights(tmp_path: Path):
     run = _saved(tmp_path)
+    _without_checksum(run)
     blob = (run / "sae.safetensors").read_bytes()
     (run / "sae.safetensors").write_bytes(blob[: len(blob) // 2])
     with pytest.raises(UserError, match="corrupt or truncated"):
@@ -76,6 +95,7 @@ def test_truncated_weights(tmp_path: Path):
 
 def test_garbage_weights(tmp_path: Path):
     run = _saved(tmp_path)
+    _without_checksum(run)
     (run / "sae.safetensors").write_bytes(b"\x00" * 100)
     with pytest.raises(UserError, match="corrupt or truncated"):
         load_sae(run)
@@ -103,6 +123,7 @@ def test_missing_paths(tmp_path: Path):
 
 def test_wrong_tensor_dtype_and_nan(tmp_path: Path):
     run = _saved(tmp_path)
+    _without_checksum(run)
     tensors = load_file(run / "sae.safetensors")
     save_file({**tensors, "W_dec": tensors["W_dec"].half()}, run / "sae.safetensors")
     with pytest.raises(UserError, match="'W_dec' is float16"):

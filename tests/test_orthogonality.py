@@ -416,15 +416,15 @@ def test_auto_chunking_splits_when_over_budget(monkeypatch: pytest.MonkeyPatch) 
     acts, idx, weight, ema = make_inputs(9, 12, 4, 5, seed=16)
     whole = orthogonality_penalty(acts, idx, weight, ema)
     calls: list[int] = []
-    original = orthogonality.pairwise_penalty_from_rows
+    original = orthogonality._pairwise_chunk
 
     def counting(
-        a: torch.Tensor, rows: torch.Tensor, strict_lower: torch.Tensor | None = None
+        a: torch.Tensor, chunk_idx: torch.Tensor, rows: torch.Tensor, strict_lower: torch.Tensor
     ) -> torch.Tensor:
         calls.append(a.shape[0])
-        return original(a, rows, strict_lower)
+        return original(a, chunk_idx, rows, strict_lower)
 
-    monkeypatch.setattr(orthogonality, "pairwise_penalty_from_rows", counting)
+    monkeypatch.setattr(orthogonality, "_pairwise_chunk", counting)
     monkeypatch.setattr(orthogonality, "CHUNK_BYTES", 2 * 4 * 5 * 4)  # two tokens' rows per chunk
     split = orthogonality_penalty(acts, idx, weight, ema)
     assert calls == [2, 2, 2, 2, 1]
@@ -457,16 +457,17 @@ def _saved_bytes(fn: Callable[[], torch.Tensor]) -> int:
 
 
 def test_chunking_bounds_what_autograd_keeps() -> None:
-    acts, idx, weight, ema = make_inputs(64, 40, 8, 32, seed=19)
+    acts, idx, weight, ema = make_inputs(64, 40, 8, 128, seed=19)
     acts.requires_grad_(True)
     weight.requires_grad_(True)
-    gathered = 64 * 8 * 32 * 4  # all tokens' rows, fp32
+    gathered = 64 * 8 * 128 * 4  # all tokens' rows, fp32
 
     def run(chunk: int) -> torch.Tensor:
         return orthogonality_penalty(acts, idx, weight, ema, chunk_size=chunk)
 
-    assert _saved_bytes(lambda: run(64)) > gathered  # one chunk: its gathered rows are kept
-    assert _saved_bytes(lambda: run(4)) < gathered / 2  # many chunks: recomputed in backward instead
+    # Only the (chunk, k, k) Grams are kept, never the gathered (chunk, k, d) rows, whatever the chunking.
+    assert _saved_bytes(lambda: run(64)) < gathered / 3
+    assert _saved_bytes(lambda: run(4)) < gathered / 3
 
 
 def test_sparse_chunks_agree(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -483,6 +484,29 @@ def test_pairwise_penalty_from_rows_direct() -> None:
     acts = torch.tensor([[1.0, 2.0, 3.0]])
     assert float(pairwise_penalty_from_rows(acts, rows)) == pytest.approx(1 * 3 * 0.36 + 2 * 3 * 0.64)
     assert float(pairwise_penalty_from_rows(acts[:, :1], rows[:, :1])) == 0.0  # own diagonal excluded
+
+
+def test_pairwise_custom_backward_gradcheck() -> None:
+    gen = torch.Generator().manual_seed(23)
+    acts = torch.randn(5, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    rows_normed = torch.randn(7, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    idx = torch.stack([torch.randperm(7, generator=gen)[:4] for _ in range(5)])
+    idx[1] = idx[0]  # repeated ids across tokens: the scatter-add must sum them
+    lower = orthogonality.strict_lower_mask(4, torch.float64, acts.device)
+
+    def gathered(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return orthogonality._pairwise_chunk(a, idx, w, lower)
+
+    def from_rows(a: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return pairwise_penalty_from_rows(a, rows)
+
+    assert torch.autograd.gradcheck(gathered, (acts, rows_normed))
+    rows = rows_normed.detach()[idx].requires_grad_(True)
+    assert torch.autograd.gradcheck(from_rows, (acts, rows))
+    # Only the needed gradients are formed: binary mode passes acts without requires_grad.
+    (g_w,) = torch.autograd.grad(gathered(acts.detach(), rows_normed), [rows_normed])
+    (g_ref,) = torch.autograd.grad(gathered(acts, rows_normed), [rows_normed])
+    torch.testing.assert_close(g_w, g_ref)
 
 
 def test_pairwise_never_reads_tensor_data() -> None:

@@ -57,9 +57,9 @@ def _reference_first_step(cfg: TrainConfig, params: dict[str, torch.Tensor], x: 
     return p, float(loss)
 
 
-@pytest.mark.parametrize("orth", [False, True])
-def test_first_step_matches_literal_reference(orth: bool):
-    cfg = _cfg(orth=orth, orth_method="pairwise")
+@pytest.mark.parametrize("orth,share", [(False, False), (True, False), (True, True)])
+def test_first_step_matches_literal_reference(orth: bool, share: bool):
+    cfg = _cfg(orth=orth, orth_method="pairwise", orth_share_gather=share)
     x = torch.randn(16, 8, generator=torch.Generator().manual_seed(1)) * 2 + 0.5
     tr = Trainer(cfg, 8)
     before = {k: v.detach().clone() for k, v in tr.sae.named_parameters()}
@@ -190,3 +190,49 @@ def test_non_finite_batches_are_skipped_up_to_a_bound():
     tr.step(bad)
     with pytest.raises(UserError, match="--max-skipped-batches 2"):
         tr.step(bad)
+
+
+class _DenseAutogradTrainer(Trainer):
+    """The TopK forward written with plain dense autograd (B×n gradients, masked top-k AuxK)."""
+
+    def _topk_pass(self, x):
+        from orthosae.sae.topk import sparse_decode
+        from orthosae.train.trainer import TopKPass
+
+        sae, cfg = self.sae, self.cfg
+        pre = torch.relu((x - sae.b_dec) @ sae.W_enc + sae.b_enc)
+        acts, idx = pre.topk(sae.k, dim=-1)
+        self._track_firing(idx, x.shape[0])
+        dead = self.tokens_since_fired >= cfg.dead_tokens
+        aux_vals, aux_idx = pre.masked_fill(~dead, float("-inf")).topk(min(self.k_aux, pre.shape[1]), dim=-1)
+        aux_vals = torch.where(torch.isfinite(aux_vals), aux_vals, torch.zeros_like(aux_vals))
+        x_hat = sparse_decode(acts, idx, sae.W_dec) + sae.b_dec
+        return TopKPass(x_hat, acts, idx, aux_vals, aux_idx, dead, None)
+
+
+@pytest.mark.parametrize("kernel", ["sparse", "dense"])
+@pytest.mark.parametrize("k_aux", [3, 40])  # fewer / more AuxK picks than dead latents
+def test_steps_with_dead_latents_match_dense_autograd(kernel: str, k_aux: int):
+    share = kernel == "sparse"  # the shared-gather decode, once
+    cfg = _cfg(dead_tokens=16, d_sae=64, k=2, k_aux=k_aux, kernel=kernel, orth=True, orth_share_gather=share)
+    gen = torch.Generator().manual_seed(4)
+    xs = [torch.randn(16, 8, generator=gen, dtype=torch.float64) for _ in range(3)]
+    fast, ref = Trainer(cfg, 8), _DenseAutogradTrainer(cfg, 8)
+    for tr in (fast, ref):
+        tr.sae.double()
+        tr.ema_mean, tr.l_orth_init = tr.ema_mean.double(), tr.l_orth_init.double()
+    for x in xs:
+        sf, sr = fast.step(x), ref.step(x)
+        for name in ("loss", "recon", "auxk", "orth", "dead_frac"):
+            assert torch.allclose(sf[name], sr[name], rtol=1e-9, atol=1e-12), name
+    assert float(sf["auxk"]) > 0  # AuxK ran on the later steps
+    for (name, a), b in zip(fast.sae.named_parameters(), ref.sae.parameters(), strict=True):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12), name
+
+
+def test_auxk_is_skipped_only_while_nothing_can_be_dead():
+    cfg = _cfg(dead_tokens=40, d_sae=64, k=2)
+    tr = Trainer(cfg, 8)
+    s1, s2 = tr.step(torch.randn(16, 8)), tr.step(torch.randn(16, 8))
+    assert tr.tokens_bound == 32 and float(s1["auxk"]) == float(s2["auxk"]) == 0.0
+    assert float(tr.step(torch.randn(16, 8))["auxk"]) > 0  # 48 tokens ≥ 40: AuxK runs

@@ -14,6 +14,7 @@ import difflib
 import functools
 import inspect
 import itertools
+import math
 import textwrap
 import tomllib
 import types
@@ -42,6 +43,8 @@ def parse_count(text: str) -> int:
         value = float(s) * mult
     except ValueError:
         raise ValueError(f"not a count: {text!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"not a finite count: {text!r}")
     if value != int(value):
         raise ValueError(f"not a whole count: {text!r}")
     return int(value)

@@ -30,10 +30,24 @@ def auxk_loss(
     masked = pre_acts.masked_fill(~dead, float("-inf"))
     vals, idx = masked.topk(k_aux, dim=-1, sorted=False)
     vals = torch.where(torch.isfinite(vals), vals, torch.zeros_like(vals))
-    aux_hat = sparse_decode(vals, idx, W_dec)  # no bias: it explains the residual, not x
+    return auxk_loss_from_acts(residual, vals, idx, W_dec, dead.any())
+
+
+def auxk_loss_from_acts(
+    residual: torch.Tensor,
+    aux_acts: torch.Tensor,
+    aux_indices: torch.Tensor,
+    W_dec: torch.Tensor,
+    any_dead: torch.Tensor,
+) -> torch.Tensor:
+    """AuxK from already selected dead-latent activations (B, k_aux), 0 where a pick is not dead.
+
+    `any_dead` is a 0-dim bool tensor: multiplying by it (instead of branching) keeps the step sync-free.
+    """
+    aux_hat = sparse_decode(aux_acts, aux_indices, W_dec)  # no bias: it explains the residual, not x
     err = (residual - aux_hat).pow(2).sum(dim=-1).mean()
     denom = (residual - residual.mean(dim=0, keepdim=True)).pow(2).sum(dim=-1).mean()
-    return (err / denom).nan_to_num(0.0) * dead.any()
+    return (err / denom).nan_to_num(0.0) * any_dead
 
 
 def scaled_orthogonality(

@@ -35,7 +35,16 @@ FORMAT = "orthosae-activations"
 VERSION = 1
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 # Fields that must agree between a cache and a request to reuse or resume it.
-_IDENTITY = ("model_id", "model_revision", "layer", "context_size", "dtype", "corpus", "exclude_special")
+_IDENTITY = (
+    "model_id",
+    "model_revision",
+    "layer",
+    "context_size",
+    "dtype",
+    "corpus",
+    "exclude_special",
+    "remove_high_norm",
+)
 
 
 def sha256_file(path: Path) -> str:
@@ -66,6 +75,7 @@ def build_cache(
     shard_tokens: int = 1 << 16,
     text_field: str = "text",
     exclude_special: bool = True,
+    remove_high_norm: float = 10.0,
     progress: bool = True,
     model: LoadedModel | None = None,
 ) -> Path:
@@ -73,6 +83,7 @@ def build_cache(
 
     `batch_size` is in contexts per forward pass; `shard_tokens` is rounded down to whole contexts.
     Pass `model` to reuse an already loaded model (its id must match `model_name`'s).
+    `remove_high_norm`: drop tokens above this multiple of the batch median norm (0 keeps all).
     """
     if dtype not in _NP_DTYPES:
         raise UserError(f"unknown cache dtype {dtype!r}: use float32 or float16")
@@ -95,9 +106,12 @@ def build_cache(
         "corpus": describe(corpus),
         "text_field": text_field,
         "exclude_special": exclude_special,
+        "remove_high_norm": remove_high_norm,
         "prepend_bos": True,
         "contexts_per_shard": max(1, shard_tokens // context_size),
     }
+    if next(iter_texts(corpus, field=text_field), None) is None:  # before any file is written
+        raise UserError(f"corpus {corpus!r} holds no text; give a corpus with at least one document")
     manifest = _start_manifest(out, wanted, n_tokens)
     if manifest["complete"] and manifest["n_tokens"] >= n_tokens:
         return out
@@ -116,7 +130,7 @@ def build_cache(
     pending: list[Harvest] = []
     upto = next_context  # contexts fully harvested so far (exclusive end)
     try:
-        for piece in harvest(loaded, layer, batches):
+        for piece in harvest(loaded, layer, batches, remove_high_norm):
             pending.append(piece)
             upto = piece.end_context
             bar.update(max(0, min(len(piece.token_ids), n_tokens - bar.n)))
@@ -172,7 +186,10 @@ def _start_manifest(out: Path, wanted: dict[str, Any], n_tokens: int) -> dict[st
             raise UserError(
                 f"{out} exists, is not empty and has no {MANIFEST}: choose an empty or new directory"
             )
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create cache directory {out}: {e.strerror or e}") from None
         manifest = {**wanted, "requested_tokens": n_tokens, "n_tokens": 0, "complete": False, "shards": []}
     manifest["n_tokens"] = sum(s["n_tokens"] for s in manifest["shards"])
     _clean_strays(out, manifest)
@@ -357,6 +374,7 @@ class ActivationCache:
         return {k: self.manifest[k] for k in keys} | {
             "activations": str(self.path),
             "n_tokens": self.n_tokens,
+            "remove_high_norm": self.manifest.get("remove_high_norm", 0.0),
         }
 
     def _array(self, i: int, kind: str) -> np.ndarray:

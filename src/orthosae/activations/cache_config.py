@@ -30,6 +30,8 @@ class CacheConfig:
     """Storage dtype of the cached activations."""
     model_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Dtype the model runs in."""
+    remove_high_norm: float = 10.0
+    """Drop tokens whose norm exceeds this multiple of the batch median (attention sinks); 0 keeps all."""
     shard_tokens: int = 65_536
     """Activations per shard file (rounded down to whole contexts)."""
     progress: bool = True
@@ -43,5 +45,7 @@ class CacheConfig:
         for name in ("tokens", "context_size", "batch_size", "shard_tokens"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if not self.remove_high_norm >= 0:
+            raise UserError(f"--remove-high-norm must be ≥ 0, got {self.remove_high_norm}")
         if self.context_size < 2:
             raise UserError("--context-size must be at least 2 (BOS plus one token)")

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -77,19 +80,87 @@ def iter_array_batches(
     arr: np.ndarray | torch.Tensor, batch_size: int, seed: int, device: str = "cpu"
 ) -> Iterator[torch.Tensor]:
     """Endless float32 batches, a fresh seeded permutation per epoch (without replacement inside one)."""
-    n = arr.shape[0]
-    gen = torch.Generator().manual_seed(seed)
-    pending: list[torch.Tensor] = []
-    have = 0
-    while True:
-        for chunk in torch.randperm(n, generator=gen).split(batch_size):
-            pending.append(chunk)
-            have += len(chunk)
-            if have < batch_size:
-                continue  # batch larger than what is left of this epoch: carry into the next
-            idx = torch.cat(pending)
-            pending, have = [idx[batch_size:]], have - batch_size
-            rows = np.sort(idx[:batch_size].numpy())  # sorted reads are kinder to a memory map
-            order = torch.from_numpy(np.argsort(np.argsort(idx[:batch_size].numpy())))
-            batch = torch.as_tensor(np.asarray(arr[rows]), dtype=torch.float32)[order]
-            yield batch.to(device)
+    return ArrayBatches(arr, batch_size, seed, device)
+
+
+class ArrayBatches(Iterator[torch.Tensor]):
+    """Endless float32 batches from an (N, d) array: batch j is rows [jB, (j+1)B) of perm_0 ‖ perm_1 ‖ …,
+    one seeded permutation per epoch, so a batch may span two epochs.
+
+    `state()` is a small JSON-able dict (the generator state at the start of the current epoch and the
+    offset into it); pass it back as `state=` to continue with exactly the next batch.
+    """
+
+    def __init__(
+        self,
+        arr: np.ndarray | torch.Tensor,
+        batch_size: int,
+        seed: int,
+        device: str = "cpu",
+        state: dict[str, Any] | None = None,
+    ) -> None:
+        self.arr, self.batch_size, self.seed, self.device = arr, batch_size, seed, device
+        self.n = int(arr.shape[0])
+        self.gen = torch.Generator().manual_seed(seed)
+        self.epoch, self.offset, self.batches = -1, self.n, 0  # no epoch drawn yet
+        self._epoch_gen_state = self.gen.get_state()
+        self.perm: torch.Tensor | None = None
+        if state is not None:
+            self._restore(state)
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "kind": "array",
+            "seed": self.seed,
+            "n_rows": self.n,
+            "d": int(self.arr.shape[1]),
+            "batch_size": self.batch_size,
+            "epoch": self.epoch,
+            "offset": self.offset,
+            "batches": self.batches,
+            "generator": base64.b64encode(self._epoch_gen_state.numpy().tobytes()).decode("ascii"),
+        }
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        mine = {"kind": "array", "seed": self.seed, "n_rows": self.n, "d": int(self.arr.shape[1])}
+        mine["batch_size"] = self.batch_size
+        for key, value in mine.items():
+            if state.get(key) != value:
+                raise UserError(
+                    f"the activations differ from the checkpointed run: {key} is {value!r} now, "
+                    f"{state.get(key)!r} in the checkpoint; resume with the same data"
+                )
+        try:
+            epoch, offset, batches = int(state["epoch"]), int(state["offset"]), int(state["batches"])
+            raw = np.frombuffer(base64.b64decode(state["generator"], validate=True), dtype=np.uint8)
+            if epoch < -1 or not 0 <= offset <= self.n or batches < 0:
+                raise ValueError(f"position out of range: epoch {epoch}, offset {offset}")
+            self.gen.set_state(torch.from_numpy(raw.copy()))
+        except (KeyError, TypeError, ValueError, RuntimeError, binascii.Error) as e:
+            raise UserError(f"checkpoint data position is invalid ({e}); the checkpoint is damaged") from None
+        self._epoch_gen_state = self.gen.get_state()
+        self.epoch, self.offset, self.batches = epoch, offset, batches
+        if epoch >= 0:  # redraw the current epoch's permutation from its saved generator state
+            self.perm = torch.randperm(self.n, generator=self.gen)
+
+    def __next__(self) -> torch.Tensor:
+        parts: list[torch.Tensor] = []
+        need = self.batch_size
+        while need:
+            if self.perm is None or self.offset >= self.n:
+                self._epoch_gen_state = self.gen.get_state()
+                self.perm, self.offset, self.epoch = (
+                    torch.randperm(self.n, generator=self.gen),
+                    0,
+                    self.epoch + 1,
+                )
+            part = self.perm[self.offset : self.offset + need]
+            parts.append(part)
+            self.offset += len(part)
+            need -= len(part)
+        idx = (parts[0] if len(parts) == 1 else torch.cat(parts)).numpy()
+        self.batches += 1
+        rows = np.sort(idx)  # sorted reads are kinder to a memory map
+        order = torch.from_numpy(np.argsort(np.argsort(idx)))
+        batch = torch.as_tensor(np.asarray(self.arr[rows]), dtype=torch.float32)[order]
+        return batch.to(self.device)

@@ -65,13 +65,23 @@ class Harvest:
     end_context: int  # index after the last context of this batch (all contexts before it are done)
 
 
-def harvest(loaded: LoadedModel, layer: int, batches: Iterable[Contexts]) -> Iterator[Harvest]:
-    """Run each batch of contexts through blocks 0..layer and yield the kept tokens' activations."""
+def harvest(
+    loaded: LoadedModel, layer: int, batches: Iterable[Contexts], remove_high_norm: float = 0.0
+) -> Iterator[Harvest]:
+    """Run each batch of contexts through blocks 0..layer and yield the kept tokens' activations.
+
+    With `remove_high_norm` > 0, tokens whose norm exceeds that many times the batch's median norm are
+    dropped too: some models (SmolLM2 among them) put rare attention-sink tokens at norms ~100× the
+    median, and a single one dominates a batch's squared error (dictionary_learning's remove_high_norm).
+    """
     layer = check_layer(layer, loaded.n_layers)
     device = next(loaded.model.parameters()).device
     for batch in batches:
         acts = resid_post(loaded.model, batch.tokens.to(device), layer).float().cpu()
         mask = batch.mask
+        if remove_high_norm > 0 and mask.any():
+            norms = acts.norm(dim=-1)
+            mask = mask & (norms <= norms[mask].median() * remove_high_norm)
         rows, cols = mask.nonzero(as_tuple=True)
         yield Harvest(
             acts=acts[mask],

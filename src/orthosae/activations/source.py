@@ -79,6 +79,7 @@ def stream_activations(
     forward_batch: int = 8,
     state: dict[str, Any] | None = None,
     model: LoadedModel | None = None,
+    remove_high_norm: float = 10.0,
     progress: bool = True,
 ) -> ActivationSource:
     """Shuffled batches harvested on the fly (one pass over about `n_tokens` tokens; no disk)."""
@@ -92,6 +93,7 @@ def stream_activations(
         n_tokens=n_tokens,
         window_tokens=window_tokens,
         forward_batch=forward_batch,
+        remove_high_norm=remove_high_norm,
         progress=progress,
     )
     buffer = ShuffleBuffer(windows, batch_size=batch_size, seed=seed, max_epochs=1, state=state)
@@ -104,6 +106,7 @@ def stream_activations(
         "corpus": describe(corpus),
         "d_model": loaded.d_model,
         "activations": "stream",
+        "remove_high_norm": remove_high_norm,
         "n_tokens": n_tokens,
     }
     return ActivationSource(buffer, loaded.d_model, metadata)

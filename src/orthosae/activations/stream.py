@@ -32,12 +32,14 @@ class StreamWindows:
         window_tokens: int = 1 << 15,
         forward_batch: int = 8,
         text_field: str = "text",
+        remove_high_norm: float = 10.0,
         progress: bool = True,
     ) -> None:
         self.loaded, self.layer = loaded, layer
         self.d_model = loaded.d_model
         self.corpus, self.context_size, self.text_field = corpus, context_size, text_field
         self.forward_batch = forward_batch
+        self.remove_high_norm = remove_high_norm
         # A whole number of forward batches per window, so a window never splits a batch.
         per = max(1, window_tokens // context_size)
         self.contexts_per_window = max(forward_batch, per // forward_batch * forward_batch)
@@ -68,7 +70,7 @@ class StreamWindows:
             )
             if self.max_contexts is not None:
                 batches = _limit(batches, self.max_contexts)
-            self._iter = harvest(self.loaded, self.layer, batches)
+            self._iter = harvest(self.loaded, self.layer, batches, self.remove_high_norm)
         parts: list[torch.Tensor] = []
         end = start
         while end < stop:  # windows are whole forward batches, so pieces never straddle two windows

@@ -37,6 +37,7 @@ def run(ns: argparse.Namespace) -> int:
         batch_size=cfg.batch_size,
         dtype=cfg.dtype,
         model=model,
+        remove_high_norm=cfg.remove_high_norm,
         shard_tokens=cfg.shard_tokens,
         progress=cfg.progress,
     )

@@ -80,7 +80,13 @@ def _pip_download(spec: str, dest: Path) -> Path:
 
 
 def _apt_download(package: str, dest: Path) -> Path:
-    _run(["apt-get", "download", "-q", package], f"Debian package {package} (try `apt-get update`)", cwd=dest)
+    what = f"Debian package {package}"
+    try:
+        _run(["apt-get", "download", "-q", package], what, cwd=dest)
+    except UserError:
+        # A fresh machine may have empty package lists; refreshing them needs root, which set-up has here.
+        _run(["apt-get", "update", "-q"], "Debian package lists (apt-get update needs root)")
+        _run(["apt-get", "download", "-q", package], what, cwd=dest)
     debs = sorted(dest.glob(f"{package}_*.deb"))
     if not debs:
         raise UserError(f"apt-get downloaded no .deb for {package}")

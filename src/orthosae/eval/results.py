@@ -58,3 +58,39 @@ def section(
         "sae_cfg_dict": sae_cfg_dict(ctx),
         "eval_result_unstructured": unstructured,
     }
+
+
+# The synthetic ground-truth benchmark needs no SAE run, so it is not one of the per-SAE sections above.
+SYNTHETIC_KEY = "synthetic evaluation results"
+
+
+def sae_names(ctx: EvalContext) -> tuple[str, str]:
+    """(sae_set, sae_id) as SAEBench names them: '<model>_layer_<L>_sae' and the run directory's name."""
+    sae_id = ctx.run_dir.name if ctx.run_dir is not None else "custom_sae"
+    return f"{ctx.model_name}_layer_{ctx.layer}_sae", sae_id
+
+
+def core_section(ctx: EvalContext, eval_cfg: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
+    """The core eval's block: SAEBench's core layout (unique_id, sae_set, sae_id, eval_cfg, metrics), as in
+    the seed, plus our envelope extras."""
+    from orthosae import __version__
+
+    sae_set, sae_id = sae_names(ctx)
+    return {
+        "unique_id": f"{sae_set}_{sae_id}",
+        "sae_set": sae_set,
+        "sae_id": sae_id,
+        "eval_cfg": eval_cfg,
+        "metrics": metrics,
+        "eval_type_id": "core",
+        "eval_id": str(uuid.uuid4()),
+        "datetime_epoch_millis": int(time.time() * 1000),
+        "orthosae_version": __version__,
+        "sae_cfg_dict": sae_cfg_dict(ctx),
+    }
+
+
+def section_metrics(section_block: dict[str, Any]) -> dict[str, Any]:
+    """The metrics of any section, whichever layout it has (core's 'metrics' or 'eval_result_metrics')."""
+    found = section_block.get("metrics", section_block.get("eval_result_metrics"))
+    return found if isinstance(found, dict) else {}

@@ -52,7 +52,9 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
 def load_model(name: str, *, dtype: torch.dtype | str = torch.float32, device: str = "cpu") -> LoadedModel:
     """Load `name`: "smollm2-135m" (bundled, offline), a local HF model directory, or a hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar is noise between our own bars
     torch_dtype = resolve_dtype(dtype)
     if name.lower() in bundled.ALIASES:
         path, model_id, rev = bundled.converted_dir(), bundled.BUNDLED_NAME, bundled.revision()

@@ -6,6 +6,7 @@ A file whose tensors, shapes, dtype or architecture disagree with its cfg.json i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -67,7 +68,9 @@ def save_sae(sae: SAE, directory: str | Path, extra_cfg: dict[str, Any] | None =
             raise UserError(f"refusing to save: SAE tensor '{name}' contains NaN or inf")
     blob = st_save(tensors, metadata={"format": "pt"})
     write_with(directory / WEIGHTS_NAME, lambda f: f.write(blob))
-    write_json(directory / CFG_NAME, sae_cfg(sae, extra_cfg))
+    # The checksum lets a load tell a flipped bit from a legitimately different SAE.
+    cfg = {**sae_cfg(sae, extra_cfg), "weights_sha256": hashlib.sha256(blob).hexdigest()}
+    write_json(directory / CFG_NAME, cfg)
     return directory
 
 
@@ -114,6 +117,20 @@ def build_from_cfg(cfg: dict[str, Any], path: Path, device: str = "cpu") -> SAE:
     return ReLUSAE(d_in, d_sae, dtype=dtype, device=device)
 
 
+def _check_sha256(weights: Path, expected: object) -> None:
+    """Verify the checksum save_sae recorded; files from other tools carry none and are not checked."""
+    if expected is None:
+        return
+    try:
+        actual = hashlib.sha256(weights.read_bytes()).hexdigest()
+    except OSError as e:
+        raise UserError(f"cannot read {weights}: {e.strerror or e}") from None
+    if actual != expected:
+        raise UserError(
+            f"{weights} does not match the sha256 in cfg.json: the file is corrupt; re-save or re-train it"
+        )
+
+
 def load_sae(path: str | Path, device: str = "cpu") -> tuple[SAE, dict[str, Any]]:
     """Load an SAE from a run directory (or its sae.safetensors). Returns (sae, cfg)."""
     path = Path(path)
@@ -125,6 +142,7 @@ def load_sae(path: str | Path, device: str = "cpu") -> tuple[SAE, dict[str, Any]
     cfg_path = weights.parent / CFG_NAME
     cfg = read_cfg(cfg_path)
     sae = build_from_cfg(cfg, cfg_path, device)
+    _check_sha256(weights, cfg.get("weights_sha256"))
     expected = _expected_tensors(sae)
     try:
         with safe_open(str(weights), framework="pt", device="cpu") as f:

@@ -25,6 +25,8 @@ class TrainConfig:
     """Text to harvest from when streaming: 'bundled', a .txt/.jsonl/.parquet file, or a dataset id."""
     context_size: int = 128
     """Tokens per context when streaming (BOS included)."""
+    remove_high_norm: float = 10.0
+    """When streaming: drop tokens whose norm exceeds this multiple of the batch median; 0 keeps all."""
     out: str = "runs/sae"
     """Run directory; it receives sae.safetensors, cfg.json, config.toml and metrics.jsonl."""
     overwrite: bool = False
@@ -79,17 +81,29 @@ class TrainConfig:
     """Penalty implementation; all three are exact and equal, 'pairwise' is the fast one."""
     orth_ema_decay: float = 0.99
     """Decay of the per-feature EMA of mean activation used by the mask."""
+    orth_share_gather: bool = False
+    """Decode from the pairwise penalty's gathered decoder rows instead of a separate embedding_bag decode
+    (one gather instead of two; measured slower on CPU, where embedding_bag decodes without gathering)."""
 
     # --- run --------------------------------------------------------------------------------------
     seed: int = 0
     """Seed for every random choice: initialisation and data order."""
     device: str = "cpu"
     """Torch device, e.g. cpu or cuda."""
+    kernel: Literal["auto", "sparse", "dense"] = "auto"
+    """TopK encoder backward: 'sparse' (index-adds over the selected latents only), 'dense' (one GEMM),
+    'auto' (sparse unless d_sae < 8 × the latents selected per token, k plus k_aux when AuxK runs)."""
+    bf16_encoder: bool = False
+    """TopK: run the encoder GEMM (the step's one dense GEMM) in bfloat16; selection and kept values carry
+    bf16 rounding, gradients and parameters stay fp32 (~2x faster GEMM on CPUs with AVX512-BF16)."""
     max_skipped_batches: int = 0
     """Skip up to this many batches whose loss is NaN/inf before stopping (checking costs a host sync per
     step); 0 stops the run, without saving, at the first logging step that sees a non-finite loss."""
     log_every: int = 25
     """Write a metrics.jsonl line every this many steps."""
+    checkpoint_every: int = 1000
+    """Write a resumable checkpoint every this many steps (0: only when stopped by Ctrl-C/SIGTERM); the
+    run directory keeps the last two. Continue a run with `orthosae train --resume RUN_DIR`."""
     progress: bool = True
     """Show a progress bar."""
 

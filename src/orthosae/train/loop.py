@@ -1,7 +1,8 @@
-"""The training loop: batches in, one optimizer step each, metrics out, SAE saved at the end."""
+"""The training loop: batches in, one optimizer step each, metrics out, checkpoints, SAE saved at the end."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
@@ -14,49 +15,108 @@ from tqdm import tqdm
 from orthosae.config import save_toml, to_dict
 from orthosae.errors import UserError
 from orthosae.sae.io import WEIGHTS_NAME, save_sae
+from orthosae.train.checkpoint import (
+    Checkpoint,
+    StopOnSignal,
+    Stopped,
+    has_checkpoints,
+    load_checkpoint,
+    remove_checkpoints,
+    save_checkpoint,
+    set_rng_state,
+)
 from orthosae.train.config import TrainConfig
 from orthosae.train.data import open_stream
 from orthosae.train.metrics import MetricsLog, RunningMeans
 from orthosae.train.trainer import Trainer
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Train one SAE as `cfg` says and write the run directory. Returns its path."""
+def train(cfg: TrainConfig, resume: bool = False) -> Path:
+    """Train one SAE as `cfg` says and write the run directory (with `resume`, continue the last
+    checkpoint in cfg.out). Returns its path. Raises `Stopped` after checkpointing on SIGINT/SIGTERM."""
+    if cfg.checkpoint_every < 0:
+        raise UserError(f"--checkpoint-every must be ≥ 0, got {cfg.checkpoint_every}")
     torch.manual_seed(cfg.seed)
-    stream = open_stream(cfg)
-    out = prepare_run_dir(Path(cfg.out), cfg.overwrite)
-    save_toml(cfg, out / "config.toml")
-    trainer = Trainer(cfg, stream.d_in)
-    log, means = MetricsLog(out / "metrics.jsonl"), RunningMeans()
-    bar = tqdm(total=cfg.steps, disable=not cfg.progress, unit="step", dynamic_ncols=True)
-    start, tokens = time.perf_counter(), 0
+    out = Path(cfg.out)
+    ckpt = load_checkpoint(out) if resume else None
+    stream = open_stream(cfg, ckpt.data if ckpt else None)
+    if not resume:
+        prepare_run_dir(out, cfg.overwrite)
+    trainer, means = Trainer(cfg, stream.d_in), RunningMeans()
+    first, tokens = restore(ckpt, trainer, means) if ckpt else (0, 0)
+    log = MetricsLog(out / "metrics.jsonl", ckpt.metrics_bytes if ckpt else None)  # truncates on resume
+    save_toml(replayable(cfg), out / "config.toml")
+    bar = tqdm(initial=first, total=cfg.steps, disable=not cfg.progress, unit="step", dynamic_ncols=True)
+    start, tokens_at_start = time.perf_counter(), tokens
+
     try:
-        for step in range(cfg.steps):
-            x = next(stream.batches, None)
-            if x is None:  # a finite stream (live harvest) ran dry before the planned steps
-                print(f"orthosae: data ran out after {step} steps; saving the SAE as it is", file=sys.stderr)
-                break
-            means.add(trainer.step(x))
-            tokens += x.shape[0]
-            bar.update(1)
-            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-                row = means.pop()
-                if not math.isfinite(row["loss"]):
-                    raise UserError(
-                        f"loss became {row['loss']} by step {step + 1}; nothing was saved. "
-                        "Lower --lr or check the activations for outliers"
+        with StopOnSignal() as stop:
+            for step in range(first, cfg.steps):
+                x = next(stream.batches, None)
+                if x is None:  # a finite stream (live harvest) ran dry before the planned steps
+                    print(
+                        f"orthosae: data ran out after {step} steps; saving the SAE as it is", file=sys.stderr
                     )
-                elapsed = time.perf_counter() - start
-                row.update(step=step + 1, tokens=tokens, lr=trainer.lr(), tokens_per_s=tokens / elapsed)
-                log.write(row)
-                bar.set_postfix(
-                    loss=f"{row['loss']:.4g}", l0=f"{row['l0']:.1f}", tok_s=f"{tokens / elapsed:.0f}"
-                )
+                    break
+                means.add(trainer.step(x))
+                tokens += x.shape[0]
+                bar.update(1)
+                if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+                    rate = (tokens - tokens_at_start) / (time.perf_counter() - start)
+                    write_row(log, bar, means.pop(), trainer, step=step + 1, tokens=tokens, tokens_per_s=rate)
+                periodic = cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0
+                if stop.signum is not None or (periodic and step + 1 < cfg.steps):
+                    save_checkpoint(
+                        out, step=step + 1, tokens=tokens, metrics_bytes=log.sync(), config=replayable(cfg),
+                        data=stream.state(), trainer_state=trainer.state_dict(), means=means.state(),
+                    )  # fmt: skip
+                if stop.signum is not None:
+                    raise Stopped(stopped_message(out, step + 1, cfg.steps), 128 + stop.signum)
+            bar.close()
+            log.close()
+            save_sae(trainer.sae, out, run_cfg(cfg, trainer, stream.meta, tokens))
+            remove_checkpoints(out)  # the run is complete
     finally:
         bar.close()
         log.close()
-    save_sae(trainer.sae, out, run_cfg(cfg, trainer, stream.meta, tokens))
     return out
+
+
+def restore(ckpt: Checkpoint, trainer: Trainer, means: RunningMeans) -> tuple[int, int]:
+    """Load a checkpoint into a fresh trainer; returns (loop step, tokens seen)."""
+    try:
+        trainer.load_state_dict(ckpt.trainer)
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"checkpoint {ckpt.path} does not fit this SAE ({first}); start a new run") from None
+    means.load(*ckpt.means)
+    set_rng_state(ckpt.rng)
+    return ckpt.step, ckpt.tokens
+
+
+def write_row(log: MetricsLog, bar: Any, row: dict[str, float], trainer: Trainer, **extra: Any) -> None:
+    if not math.isfinite(row["loss"]):
+        raise UserError(
+            f"loss became {row['loss']} by step {extra['step']}; the SAE was not saved (earlier checkpoints "
+            "are kept). Lower --lr or check the activations for outliers"
+        )
+    row.update(
+        step=extra["step"], tokens=extra["tokens"], lr=trainer.lr(), tokens_per_s=extra["tokens_per_s"]
+    )
+    log.write(row)
+    bar.set_postfix(loss=f"{row['loss']:.4g}", l0=f"{row['l0']:.1f}", tok_s=f"{row['tokens_per_s']:.0f}")
+
+
+def stopped_message(out: Path, step: int, steps: int) -> str:
+    return (
+        f"orthosae: stopped at step {step} of {steps}; checkpoint saved in {out}/checkpoints; "
+        f"continue with: orthosae train --resume {out}"
+    )
+
+
+def replayable(cfg: TrainConfig) -> TrainConfig:
+    """The config as config.toml and checkpoints record it (no `overwrite`: replay must not clobber)."""
+    return dataclasses.replace(cfg, overwrite=False)
 
 
 def prepare_run_dir(out: Path, overwrite: bool) -> Path:
@@ -64,6 +124,11 @@ def prepare_run_dir(out: Path, overwrite: bool) -> Path:
         raise UserError(f"--out {out} is a file; give a directory for the run")
     if (out / WEIGHTS_NAME).exists() and not overwrite:
         raise UserError(f"{out} already holds a trained SAE; choose another --out or pass --overwrite")
+    if has_checkpoints(out) and not overwrite:
+        raise UserError(
+            f"{out} holds checkpoints of an unfinished run: continue it with --resume {out}, or pass "
+            "--overwrite to start over"
+        )
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
@@ -71,6 +136,7 @@ def prepare_run_dir(out: Path, overwrite: bool) -> Path:
         probe.unlink()
     except OSError as e:
         raise UserError(f"cannot write to run directory {out}: {e.strerror or e}") from None
+    remove_checkpoints(out)  # only reached with --overwrite when some exist
     return out
 
 
@@ -94,7 +160,7 @@ def run_cfg(cfg: TrainConfig, trainer: Trainer, meta: dict[str, Any], tokens: in
         "activations_source": meta.get("activations_source"),
         "orthogonality": orth,
         "training": {
-            **to_dict(cfg),
+            **to_dict(replayable(cfg)),
             "lr_resolved": cfg.resolved_lr(),
             "tokens_seen": tokens,
             "steps_completed": trainer.step_idx,

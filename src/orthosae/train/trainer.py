@@ -8,17 +8,39 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from orthosae.errors import UserError
-from orthosae.losses import auxk_loss, l1_penalty, reconstruction_loss, scaled_orthogonality
-from orthosae.orthogonality import orthogonality_penalty
+from orthosae.losses import auxk_loss_from_acts, l1_penalty, reconstruction_loss, scaled_orthogonality
+from orthosae.orthogonality import masked_activations, orthogonality_penalty
 from orthosae.sae import SAE, ReLUSAE, TopKSAE
 from orthosae.sae.init import geometric_median
+from orthosae.sae.kernels import (
+    auxk_indices,
+    decode_pairwise,
+    encoder_pre_acts,
+    gather_pre_acts,
+    use_dense_backward,
+)
+from orthosae.sae.topk import sparse_decode
 from orthosae.train.config import TrainConfig
 from orthosae.train.schedule import lr_multiplier
+
+
+@dataclass
+class TopKPass:
+    """What one training forward of a TopK SAE produces (the dense pre-activations are not kept)."""
+
+    x_hat: torch.Tensor
+    top_acts: torch.Tensor
+    top_indices: torch.Tensor
+    aux_acts: torch.Tensor | None  # (B, k_aux), 0 where the pick is not dead
+    aux_indices: torch.Tensor | None
+    dead: torch.Tensor
+    l_orth: torch.Tensor | None  # the pairwise penalty when it was fused with the decode
 
 
 def build_sae(cfg: TrainConfig, d_in: int) -> SAE:
@@ -43,6 +65,9 @@ class Trainer:
         self.l_orth_init = torch.zeros((), device=dev)  # first non-zero L_orth, 0 until seen
         self.step_idx = 0
         self.skipped = 0  # batches dropped for a non-finite loss
+        # Host-side upper bound on every tokens_since_fired entry: while it is below dead_tokens no latent
+        # can be dead, so AuxK is provably 0 and is skipped without reading the device.
+        self.tokens_bound = 0
 
     def step(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """One optimizer step on a (B, d_in) batch. Returns detached 0-dim tensors (no host sync)."""
@@ -52,8 +77,7 @@ class Trainer:
                 sae.b_dec.copy_(geometric_median(x))
         guard = cfg.max_skipped_batches > 0
         saved = self._running_state() if guard else None
-        out = sae(x)
-        terms = self._loss_terms(x, out)
+        terms = self._topk_terms(x, self._topk_pass(x)) if self.is_topk else self._relu_terms(x, sae(x))
         loss = sum(terms[name] for name in ("recon", "auxk_weighted", "l1_weighted", "orth_scaled"))
         assert isinstance(loss, torch.Tensor)
         if saved is not None and not bool(torch.isfinite(loss)):
@@ -88,7 +112,7 @@ class Trainer:
                 f"loss was {float(loss)} on {self.skipped} batches, more than --max-skipped-batches "
                 f"{self.cfg.max_skipped_batches}; stopping without saving; check the data or lower --lr"
             )
-        current = [self.tokens_since_fired, self.ema_mean, self.l_orth_init]
+        current = [self.tokens_since_fired, self.ema_mean, self.l_orth_init]  # the bound may stay high
         if isinstance(self.sae, TopKSAE):
             current.append(self.sae.threshold)
         with torch.no_grad():
@@ -100,34 +124,80 @@ class Trainer:
         stats["skipped"] = torch.ones((), device=loss.device)
         return stats
 
-    def _loss_terms(self, x: torch.Tensor, out: Any) -> dict[str, torch.Tensor]:
+    def _relu_terms(self, x: torch.Tensor, out: Any) -> dict[str, torch.Tensor]:
         cfg, sae = self.cfg, self.sae
         zero = x.new_zeros(())
-        recon = reconstruction_loss(x, out.x_hat)
+        terms = {"recon": reconstruction_loss(x, out.x_hat), "auxk": zero, "auxk_weighted": zero}
+        terms["orth"], terms["orth_scaled"] = zero, zero
+        f = out.latents
+        terms["l1"] = l1_penalty(f, sae.W_dec)
+        terms["l1_weighted"] = cfg.l1 * terms["l1"]
+        fired_idx = (f > 0).any(dim=0)
+        self.tokens_since_fired += x.shape[0]
+        self.tokens_since_fired.masked_fill_(fired_idx, 0)
+        terms["l0"] = (f > 0).sum(dim=-1).float().mean()
+        terms["dead_frac"] = (self.tokens_since_fired >= cfg.dead_tokens).float().mean()
+        return terms
+
+    def _topk_pass(self, x: torch.Tensor) -> TopKPass:
+        """Encoder GEMM outside autograd, top-k, AuxK picks, then autograd only over the m selected
+        latents per token (sae.kernels): no B×n gradient and no host sync."""
+        cfg, sae = self.cfg, self.sae
+        assert isinstance(sae, TopKSAE)
+        k = sae.k
+        gemm_dtype = torch.bfloat16 if cfg.bf16_encoder else None
+        pre = encoder_pre_acts(x, sae.W_enc, sae.b_enc, sae.b_dec, gemm_dtype)
+        top_idx = pre.topk(k, dim=-1, sorted=False).indices
+        self._track_firing(top_idx, x.shape[0])
+        self.tokens_bound += x.shape[0]
+        dead = self.tokens_since_fired >= cfg.dead_tokens
+        aux_idx = valid = None
+        idx = top_idx
+        if cfg.auxk_alpha > 0 and self.tokens_bound >= cfg.dead_tokens:
+            aux_idx, valid = auxk_indices(pre, dead, self.k_aux)
+            idx = torch.cat([top_idx, aux_idx], dim=1)
+        dense = use_dense_backward(cfg.kernel, sae.d_sae, idx.shape[1])
+        vals = gather_pre_acts(x, sae.W_enc, sae.b_enc, sae.b_dec, pre, idx, dense=dense)
+        del pre
+        acts = vals[:, :k]
+        aux_acts = None
+        if aux_idx is not None and valid is not None:
+            aux_acts = torch.where(valid, vals[:, k:], torch.zeros_like(vals[:, k:]))
+        l_orth = None
+        if self._fused_orth():
+            self._update_ema(acts, top_idx)
+            masked = masked_activations(
+                acts, top_idx, self.ema_mean, cfg.orth_threshold_ratio, cfg.orth_coactivation
+            )
+            decoded, l_orth = decode_pairwise(acts, top_idx, masked, sae.W_dec)
+        else:
+            decoded = sparse_decode(acts, top_idx, sae.W_dec)
+        return TopKPass(decoded + sae.b_dec, acts, top_idx, aux_acts, aux_idx, dead, l_orth)
+
+    def _fused_orth(self) -> bool:
+        """Decode and pairwise penalty on decoder rows from one row gather (opt-in: see orth_share_gather)."""
+        cfg = self.cfg
+        pairwise_dec = cfg.orth_method == "pairwise" and cfg.orth_weight == "decoder"
+        return cfg.orth and cfg.orth_share_gather and pairwise_dec
+
+    def _topk_terms(self, x: torch.Tensor, p: TopKPass) -> dict[str, torch.Tensor]:
+        cfg, sae = self.cfg, self.sae
+        zero = x.new_zeros(())
+        recon = reconstruction_loss(x, p.x_hat)
         terms = {"recon": recon, "auxk": zero, "auxk_weighted": zero, "l1": zero, "l1_weighted": zero}
         terms["orth"], terms["orth_scaled"] = zero, zero
-        if self.is_topk:
-            acts, idx = out.top_acts, out.top_indices
-            self._track_firing(idx, x.shape[0])
-            self._track_threshold(acts)
-            dead = self.tokens_since_fired >= cfg.dead_tokens
-            # A host sync on CPU is free; skipping AuxK when nothing is dead saves a (B, n) top-k.
-            if cfg.auxk_alpha > 0 and bool(dead.any()):
-                aux = auxk_loss((x - out.x_hat).detach(), out.pre_acts, dead, self.k_aux, sae.W_dec)
-                terms["auxk"], terms["auxk_weighted"] = aux, cfg.auxk_alpha * aux
-            if cfg.orth:
-                terms["orth"], terms["orth_scaled"] = self._orthogonality(acts, idx, recon)
-            terms["l0"] = (acts > 0).sum(dim=-1).float().mean()
-            terms["dead_frac"] = dead.float().mean()
-        else:
-            f = out.latents
-            terms["l1"] = l1_penalty(f, sae.W_dec)
-            terms["l1_weighted"] = cfg.l1 * terms["l1"]
-            fired_idx = (f > 0).any(dim=0)
-            self.tokens_since_fired += x.shape[0]
-            self.tokens_since_fired[fired_idx] = 0
-            terms["l0"] = (f > 0).sum(dim=-1).float().mean()
-            terms["dead_frac"] = (self.tokens_since_fired >= cfg.dead_tokens).float().mean()
+        self._track_threshold(p.top_acts)
+        if p.aux_acts is not None and p.aux_indices is not None:
+            residual = (x - p.x_hat).detach()
+            aux = auxk_loss_from_acts(residual, p.aux_acts, p.aux_indices, sae.W_dec, p.dead.any())
+            terms["auxk"], terms["auxk_weighted"] = aux, cfg.auxk_alpha * aux
+        if cfg.orth:
+            if p.l_orth is not None:
+                terms["orth"], terms["orth_scaled"] = self._scale_orth(p.l_orth, recon)
+            else:
+                terms["orth"], terms["orth_scaled"] = self._orthogonality(p.top_acts, p.top_indices, recon)
+        terms["l0"] = (p.top_acts > 0).sum(dim=-1).float().mean()
+        terms["dead_frac"] = p.dead.float().mean()
         return terms
 
     @torch.no_grad()
@@ -135,7 +205,7 @@ class Trainer:
         fired = torch.zeros_like(self.tokens_since_fired, dtype=torch.bool)
         fired[idx.flatten()] = True
         self.tokens_since_fired += batch
-        self.tokens_since_fired[fired] = 0
+        self.tokens_since_fired.masked_fill_(fired, 0)  # masked_fill: boolean indexing would sync on GPU
 
     @torch.no_grad()
     def _track_threshold(self, acts: torch.Tensor) -> None:
@@ -145,23 +215,20 @@ class Trainer:
         assert isinstance(self.sae, TopKSAE)
         positive = torch.where(acts > 0, acts, torch.full_like(acts, math.inf))
         mins = positive.min(dim=-1).values
-        mins = mins[torch.isfinite(mins)]
-        if mins.numel() == 0:
-            return
-        current = mins.mean()
+        # Mean over the tokens with a positive activation, without indexing by a data-dependent mask.
+        finite = torch.isfinite(mins)
+        count = finite.sum()
+        current = torch.where(finite, mins, torch.zeros_like(mins)).sum() / count.clamp_min(1)
         thr = self.sae.threshold
         beta = self.cfg.threshold_beta
-        thr.copy_(torch.where(thr < 0, current, beta * thr + (1 - beta) * current))
+        new = torch.where(thr < 0, current, beta * thr + (1 - beta) * current)
+        thr.copy_(torch.where(count > 0, new, thr))  # no positive activation at all: keep it
 
     def _orthogonality(
         self, acts: torch.Tensor, idx: torch.Tensor, recon: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         cfg, sae = self.cfg, self.sae
-        with torch.no_grad():  # μ ← decay·μ + (1−decay)·mean_b f_b, before the mask (DESIGN §2)
-            self.ema_mean.mul_(cfg.orth_ema_decay)
-            self.ema_mean.index_add_(
-                0, idx.flatten(), acts.flatten() * ((1 - cfg.orth_ema_decay) / len(acts))
-            )
+        self._update_ema(acts, idx)
         weight = sae.W_dec if cfg.orth_weight == "decoder" else sae.W_enc.T
         l_orth = orthogonality_penalty(
             acts,
@@ -172,10 +239,20 @@ class Trainer:
             coactivation=cfg.orth_coactivation,
             method=cfg.orth_method,
         )
+        return self._scale_orth(l_orth, recon)
+
+    @torch.no_grad()
+    def _update_ema(self, acts: torch.Tensor, idx: torch.Tensor) -> None:
+        """μ ← decay·μ + (1−decay)·mean_b f_b, before the mask (DESIGN §2)."""
+        decay = self.cfg.orth_ema_decay
+        self.ema_mean.mul_(decay)
+        self.ema_mean.index_add_(0, idx.flatten(), acts.detach().flatten() * ((1 - decay) / len(acts)))
+
+    def _scale_orth(self, l_orth: torch.Tensor, recon: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
             first = (self.l_orth_init == 0) & (l_orth > 0)
             self.l_orth_init.copy_(torch.where(first, l_orth.detach(), self.l_orth_init))
-        return l_orth, scaled_orthogonality(l_orth, recon, self.l_orth_init, cfg.orth_lambda)
+        return l_orth, scaled_orthogonality(l_orth, recon, self.l_orth_init, self.cfg.orth_lambda)
 
     def lr(self) -> float:
         return float(self.opt.param_groups[0]["lr"])
@@ -194,7 +271,8 @@ class Trainer:
                 "ema_mean": self.ema_mean.clone(),
                 "l_orth_init": self.l_orth_init.clone(),
                 "step": self.step_idx,
-            "skipped": self.skipped,
+                "skipped": self.skipped,
+                "tokens_bound": self.tokens_bound,
             }
         )
 
@@ -207,3 +285,5 @@ class Trainer:
         self.l_orth_init.copy_(state["l_orth_init"])
         self.step_idx = int(state["step"])
         self.skipped = int(state.get("skipped", 0))
+        # Older states lack the bound: assume latents may be dead, so AuxK is always computed (exact).
+        self.tokens_bound = int(state.get("tokens_bound", self.cfg.dead_tokens))

@@ -1,0 +1,111 @@
+"""Run the LM on many short prompts and collect resid_post of block L: batched, right-padded, truncated.
+
+Right padding is safe for causal models: a real token never attends to the pad tokens after it, so the
+activations of real tokens are those of the unpadded prompt. Prompts are batched in length order (less
+padding, fewer wasted FLOPs) and the results are returned in the caller's order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from orthosae.activations.harvest import resid_post
+from orthosae.models.loader import LoadedModel
+
+
+def pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask) of shape (B, T_max): sequences left-aligned, padded on the right with `pad_id`."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.bool)
+    for row, seq in enumerate(seqs):
+        ids[row, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
+        mask[row, : len(seq)] = True
+    return ids, mask
+
+
+def pad_id_of(tokenizer: object) -> int:
+    for name in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def forward_batches(
+    loaded: LoadedModel,
+    layer: int,
+    seqs: Sequence[Sequence[int]],
+    batch_size: int = 16,
+    progress: bool = False,
+    desc: str = "LM forward",
+) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+    """Yield (indices into `seqs`, resid_post (B, T, d) float32 on CPU, mask (B, T)) per batch.
+
+    Batches hold prompts of similar length; `indices` says which prompts each batch row is.
+    """
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    pad = pad_id_of(loaded.tokenizer)
+    device = next(loaded.model.parameters()).device
+    starts = range(0, len(order), batch_size)
+    for start in tqdm(starts, disable=not progress, desc=desc, leave=False):
+        idx = order[start : start + batch_size]
+        ids, mask = pad_right([seqs[i] for i in idx], pad)
+        acts = resid_post(loaded.model, ids.to(device), layer, attention_mask=mask.long().to(device))
+        yield idx, acts.float().cpu(), mask
+
+
+def acts_at_positions(
+    loaded: LoadedModel,
+    layer: int,
+    seqs: Sequence[Sequence[int]],
+    position: int,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> torch.Tensor:
+    """resid_post at one position of every prompt, (N, d). A negative `position` counts from each prompt's
+    own end (-1 = its last token), so prompts of different lengths can share a template offset."""
+    out = torch.zeros(len(seqs), loaded.d_model)
+    for idx, acts, mask in forward_batches(loaded, layer, seqs, batch_size, progress, "prompt acts"):
+        lengths = mask.sum(dim=1)
+        pos = lengths + position if position < 0 else torch.full_like(lengths, position)
+        if (pos < 0).any() or (pos >= lengths).any():
+            raise ValueError(f"position {position} is outside a prompt of the batch")
+        out[idx] = acts[torch.arange(len(idx)), pos]
+    return out
+
+
+def mean_pooled(
+    loaded: LoadedModel,
+    layer: int,
+    seqs: Sequence[Sequence[int]],
+    encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    skip_first: bool = True,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Mean over each text's tokens (the first, BOS, left out when `skip_first`) of resid_post, (N, d), and,
+    with `encode`, of the per-token SAE latents encode(x), (N, d_sae) — pooled after encoding, as SAEBench
+    does, so a latent's pooled value is its mean activation over the text. Only one batch of per-token
+    activations is held at a time."""
+    lm = torch.zeros(len(seqs), loaded.d_model)
+    latents: torch.Tensor | None = None
+    for idx, acts, mask in forward_batches(loaded, layer, seqs, batch_size, progress, "mean-pooled acts"):
+        keep = mask.clone()
+        if skip_first:
+            keep[:, 0] = False
+        weights = keep.float() / keep.sum(dim=1, keepdim=True).clamp_min(1)
+        lm[idx] = torch.einsum("btd,bt->bd", acts, weights)
+        if encode is not None:
+            flat = acts[keep]
+            with torch.no_grad():
+                z = encode(flat).float()
+            if latents is None:
+                latents = torch.zeros(len(seqs), z.shape[1])
+            row_of = torch.arange(len(idx)).unsqueeze(1).expand_as(keep)[keep]
+            pooled = torch.zeros(len(idx), z.shape[1]).index_add_(0, row_of, z)
+            latents[idx] = pooled / keep.sum(dim=1, keepdim=True).clamp_min(1)
+    return lm, latents

@@ -1,0 +1,1 @@
+"""Experiments: several SAEs trained from one activation stream, timed, evaluated and reported."""

@@ -1,0 +1,179 @@
+"""The whole experiment: cache → train every SAE from one stream → speed table → evals → results → report."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from orthosae.atomic import write_json, write_text
+from orthosae.config import to_dict
+from orthosae.errors import UserError
+from orthosae.experiment.config import Experiment
+from orthosae.experiment.multi import train_many
+from orthosae.experiment.speed import format_speed, measure_speed
+from orthosae.sae.io import WEIGHTS_NAME
+from orthosae.train.config import TrainConfig
+
+# Rough costs on a 2-core CPU (measured with the bundled SmolLM2-135M), used only for the up-front estimate.
+HARVEST_TOKENS_PER_S = 1500.0
+STEP_SECONDS_PER_GFLOP = 0.045  # one training step ≈ this × (B·d·n / 1e9)
+EVAL_SECONDS_PER_SAE = 150.0
+
+
+def estimate_seconds(exp: Experiment, cache_ready: bool) -> dict[str, float]:
+    c = exp.cfg
+    est = {"cache": 0.0 if cache_ready else c.tokens / HARVEST_TOKENS_PER_S}
+    est["train"] = sum(_step_seconds(t) * t.steps for t in exp.saes.values())
+    first = next(iter(exp.saes.values()))
+    est["speed"] = (c.speed_steps + 2) * _step_seconds(first) * 8 if c.speed_steps else 0.0
+    est["evals"] = EVAL_SECONDS_PER_SAE * len(exp.saes) if c.eval_names() else 0.0
+    return est
+
+
+def _step_seconds(t: TrainConfig) -> float:
+    d_in = 576  # refined once the cache is open; the estimate only needs the order of magnitude
+    return STEP_SECONDS_PER_GFLOP * t.batch_size * d_in * t.d_sae / 1e9 * (1.1 if t.orth else 1.0)
+
+
+def run_experiment(
+    exp: Experiment, *, overwrite: bool = False, evals: bool = True, report: bool = True
+) -> Path:
+    c = exp.cfg
+    out = c.out_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    cache_dir = c.cache_dir()
+    est = estimate_seconds(exp, (cache_dir / "manifest.json").exists())
+    print(
+        f"experiment '{c.name}': {len(exp.saes)} SAEs ({', '.join(exp.saes)}) on {c.model} layer {c.layer}; "
+        f"estimated {sum(est.values()) / 60:.0f} min ("
+        + ", ".join(f"{k} {v / 60:.1f}" for k, v in est.items())
+        + ")",
+        flush=True,
+    )
+    timings: dict[str, float] = {}
+    write_text(out / "experiment.toml", _resolved_toml(exp))
+
+    with _phase("cache", timings):
+        _build_cache(exp)
+    with _phase("train", timings):
+        _train(exp, overwrite)
+    if c.speed_steps:
+        with _phase("speed", timings):
+            speed = _speed(exp)
+            write_json(out / "speed.json", speed)
+            print(format_speed(speed), flush=True)
+    if evals and c.eval_names():
+        with _phase("evals", timings):
+            _evaluate(exp)
+    write_json(out / "results.json", _combined_results(exp))
+    write_json(out / "timings.json", timings)
+    if report:
+        with _phase("report", timings):
+            from orthosae.report import build_report
+            from orthosae.report.features import FeatureOptions
+
+            opts = FeatureOptions(max_tokens=c.report_feature_tokens)
+            _, html = build_report(out, baseline=c.baseline, feature_options=opts, progress=c.progress)
+            print(f"report: {html}", flush=True)
+    print(
+        f"done in {sum(timings.values()) / 60:.1f} min: "
+        + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())
+    )
+    return out
+
+
+class _phase:
+    """Context manager that prints a phase banner and records its wall time."""
+
+    def __init__(self, name: str, timings: dict[str, float]):
+        self.name, self.timings = name, timings
+
+    def __enter__(self) -> None:
+        print(f"== {self.name}", flush=True)
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.timings[self.name] = time.perf_counter() - self.t0
+
+
+def _build_cache(exp: Experiment) -> None:
+    from orthosae.activations.cache import build_cache
+
+    c = exp.cfg
+    build_cache(
+        c.cache_dir(),
+        model_name=c.model,
+        layer=c.layer,
+        n_tokens=c.tokens,
+        corpus=c.corpus,
+        context_size=c.context_size,
+        remove_high_norm=c.remove_high_norm,
+        progress=c.progress,
+    )
+
+
+def _train(exp: Experiment, overwrite: bool) -> None:
+    """Train the SAEs that are not already trained with the same config (a re-run resumes cheaply)."""
+    from orthosae.config import load_toml
+
+    todo: dict[str, TrainConfig] = {}
+    for name, cfg in exp.saes.items():
+        run = Path(cfg.out)
+        if (run / WEIGHTS_NAME).exists() and not overwrite:
+            if load_toml(TrainConfig, run / "config.toml") != cfg:
+                raise UserError(
+                    f"{run} holds an SAE trained with other settings; pass --overwrite to retrain it"
+                )
+            print(f"{name}: already trained, kept", flush=True)
+            continue
+        todo[name] = TrainConfig(**{**to_dict(cfg), "overwrite": overwrite})
+    if todo:
+        train_many(todo, progress=exp.cfg.progress)
+
+
+def _speed(exp: Experiment) -> dict[str, Any]:
+    from orthosae.activations.source import from_cache
+
+    c = exp.cfg
+    base = exp.saes.get(c.baseline) or next(t for t in exp.saes.values() if t.arch == "topk")
+    src = from_cache(c.cache_dir(), batch_size=base.batch_size, seed=c.seed)
+    batches = [next(src) for _ in range(min(c.speed_steps + 2, 4))]
+    return measure_speed(base, batches, c.speed_steps)
+
+
+def _evaluate(exp: Experiment) -> None:
+    from orthosae.eval.context import EvalContext
+    from orthosae.eval.runner import run_evals, write_results
+    from orthosae.models import load_model
+
+    c = exp.cfg
+    model = None  # loaded once, shared by every SAE's evaluations
+    for sae_name, cfg in exp.saes.items():
+        target = Path(cfg.out) / "eval.json"
+        if target.exists() and target.stat().st_mtime >= (Path(cfg.out) / WEIGHTS_NAME).stat().st_mtime:
+            print(f"{sae_name}: eval.json is up to date, kept", flush=True)
+            continue
+        print(f"-- evaluating {sae_name}", flush=True)
+        model = model or load_model(c.model, device=cfg.device)
+        ctx = EvalContext.from_run(cfg.out, device=cfg.device, seed=c.seed, progress=c.progress, model=model)
+        results = run_evals(ctx, c.eval_names(), exp.eval_tables, source=f"{exp.path or 'experiment'} [eval]")
+        write_results(target, results)
+
+
+def _combined_results(exp: Experiment) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for name, cfg in exp.saes.items():
+        path = Path(cfg.out) / "eval.json"
+        results[name] = json.loads(path.read_text()) if path.exists() else {}
+    return results
+
+
+def _resolved_toml(exp: Experiment) -> str:
+    import tomli_w
+
+    top = {k: v for k, v in to_dict(exp.cfg).items() if v is not None}
+    top["cache"] = str(exp.cfg.cache_dir())
+    saes = {n: {k: v for k, v in to_dict(t).items() if v is not None} for n, t in exp.saes.items()}
+    return tomli_w.dumps({**top, "saes": saes})

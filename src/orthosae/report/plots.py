@@ -1,0 +1,177 @@
+"""The report's figures, drawn with matplotlib's object API (no pyplot: no global state, no GUI backend).
+
+Each function returns a Figure, or None when there is nothing to draw (the report then says "not run").
+`to_png` renders one to PNG bytes, which go both to figures/*.png and, base64-encoded, into the HTML.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from orthosae.report.load import Experiment, finite, order_saes
+
+# Loss terms and statistics drawn from metrics.jsonl, in panel order.
+CURVE_KEYS = ("loss", "recon", "auxk", "l1", "orth", "orth_scaled", "l0", "dead_frac")
+STAT_KEYS = ("l0", "dead_frac")  # statistics, drawn even when zero (a dead fraction of 0 is news)
+PROBE_KS = (1, 2, 5, 10, 20, 50, 100)
+_DPI = 110
+
+
+def to_png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=_DPI, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def _styles(names: list[str]) -> dict[str, str]:
+    # Nearly identical SAEs (early in training) would hide each other's lines with one style.
+    styles = ["-", "--", ":", "-."]
+    return {n: styles[i % len(styles)] for i, n in enumerate(names)}
+
+
+def _colors(names: list[str]) -> dict[str, str]:
+    palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
+    return {n: palette[i % len(palette)] for i, n in enumerate(names)}
+
+
+def training_curves(exp: Experiment, baseline: str) -> Figure | None:
+    """Small multiples: one panel per loss term / statistic, one line per SAE, against the step."""
+    names = [n for n in order_saes(list(exp.saes), baseline) if exp.saes[n].metrics]
+    if not names:
+        return None
+
+    def series(n: str, key: str) -> list[tuple[float, float]]:
+        pts = [(r.get("step"), finite(r.get(key))) for r in exp.saes[n].metrics]
+        pts = [(s, v) for s, v in pts if isinstance(s, int | float) and v is not None]
+        # A loss term that is 0 throughout does not apply to this SAE (l1 for TopK, orth without --orth).
+        return pts if key in STAT_KEYS or any(v != 0 for _, v in pts) else []
+
+    panels = {k: {n: pts for n in names if (pts := series(n, k))} for k in CURVE_KEYS}
+    panels = {k: lines for k, lines in panels.items() if lines}
+    if not panels:
+        return None
+    cols = min(4, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig = Figure(figsize=(3.2 * cols, 2.5 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    colors, styles = _colors(names), _styles(names)
+    for ax, (key, lines) in zip(axes.flat, panels.items(), strict=False):
+        for n, pts in lines.items():
+            ax.plot(*zip(*pts, strict=True), label=n, color=colors[n], ls=styles[n], lw=1.3)
+        if key not in STAT_KEYS and all(v > 0 for pts in lines.values() for _, v in pts):
+            ax.set_yscale("log")
+        ax.set_title(key, fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.set_xlabel("step", fontsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.set_visible(False)
+    handles: dict[str, Any] = {}
+    for ax in axes.flat:
+        for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, h)
+    fig.legend(
+        list(handles.values()), list(handles), loc="outside upper center", ncols=len(handles), fontsize=8
+    )
+    return fig
+
+
+def absorption_by_letter(exp: Experiment, baseline: str) -> Figure | None:
+    """Grouped bars: absorption rate per first letter, one bar per SAE."""
+    data: dict[str, dict[str, float]] = {}
+    for n in order_saes(list(exp.saes), baseline):
+        block = exp.saes[n].sections.get("absorption")
+        details = block.get("eval_result_details") if block else None
+        rates = {
+            str(d.get("first_letter")): finite(d.get("absorption_rate"))
+            for d in details or []
+            if isinstance(d, dict)
+        }
+        rates = {k: v for k, v in rates.items() if v is not None}
+        if rates:
+            data[n] = rates  # type: ignore[assignment]
+    if not data:
+        return None
+    letters = sorted({letter for rates in data.values() for letter in rates})
+    fig = Figure(figsize=(max(6.0, 0.38 * len(letters) * max(1, len(data)) / 1.5), 3.0), layout="constrained")
+    ax = fig.subplots()
+    width = 0.8 / len(data)
+    colors = _colors(list(data))
+    for i, (n, rates) in enumerate(data.items()):
+        xs = [j + (i - (len(data) - 1) / 2) * width for j in range(len(letters))]
+        ax.bar(xs, [rates.get(c, math.nan) for c in letters], width, label=n, color=colors[n])
+    ax.set_xticks(range(len(letters)), letters)
+    ax.set_ylabel("absorption rate")
+    ax.set_xlabel("first letter")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _probe_curve(metrics: dict[str, Any], prefix: str) -> list[tuple[int, float]]:
+    group = metrics.get(prefix)
+    if not isinstance(group, dict):
+        return []
+    pts = [(k, finite(group.get(f"{prefix}_top_{k}_test_accuracy"))) for k in PROBE_KS]
+    return [(k, v) for k, v in pts if v is not None]
+
+
+def probing_vs_k(exp: Experiment, baseline: str) -> Figure | None:
+    """Sparse-probing test accuracy against k: one line per SAE and the LLM's (raw activations) line."""
+    curves: dict[str, list[tuple[int, float]]] = {}
+    llm: list[tuple[int, float]] = []
+    for n in order_saes(list(exp.saes), baseline):
+        block = exp.saes[n].sections.get("sparse_probing")
+        metrics = block.get("eval_result_metrics") if block else None
+        if not isinstance(metrics, dict):
+            continue
+        if pts := _probe_curve(metrics, "sae"):
+            curves[n] = pts
+        if not llm:
+            llm = _probe_curve(metrics, "llm")  # the same LM for every SAE: draw it once
+    if not curves and not llm:
+        return None
+    fig = Figure(figsize=(5.0, 3.2), layout="constrained")
+    ax = fig.subplots()
+    colors = _colors(list(curves))
+    for n, pts in curves.items():
+        ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=f"SAE {n}", color=colors[n])
+    if llm:
+        ax.plot(*zip(*llm, strict=True), marker="s", ms=3, ls="--", color="black", label="LLM")
+    ax.set_xscale("log")
+    ax.set_xlabel("k (features / dimensions in the probe)")
+    ax.set_ylabel("test accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def coactive_cos2(features: dict[str, Any] | None, baseline: str) -> Figure | None:
+    """Histogram (log counts) of decoder cos² over co-active latent pairs, one outline per SAE."""
+    if not features:
+        return None
+    saes = features.get("saes") or {}
+    names = order_saes([n for n, s in saes.items() if s.get("coactive_cos2")], baseline)
+    if not names:
+        return None
+    fig = Figure(figsize=(5.5, 3.2), layout="constrained")
+    ax = fig.subplots()
+    colors, styles = _colors(names), _styles(names)
+    for n in names:
+        h = saes[n]["coactive_cos2"]
+        edges, counts = h["edges"], h["counts"]
+        if sum(counts) == 0:
+            continue
+        label = f"{n} (mean {h.get('mean', 0):.3g}, max {h.get('max', 0):.3g})"
+        ax.stairs(counts, edges, label=label, color=colors[n], lw=1.4, ls=styles[n])
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("cos² of decoder rows, pairs active in the same token (first bin: ≤ 1e-6)")
+    ax.set_ylabel("pair-token count")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
