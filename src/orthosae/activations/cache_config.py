@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from orthosae.errors import UserError
@@ -49,3 +50,30 @@ class CacheConfig:
             raise UserError(f"--remove-high-norm must be ≥ 0, got {self.remove_high_norm}")
         if self.context_size < 2:
             raise UserError("--context-size must be at least 2 (BOS plus one token)")
+
+    def build(self) -> Path:
+        """Harvest (or resume, or reuse) the cache this config describes."""
+        from orthosae.activations.cache import build_cache
+
+        self.validate()
+        assert self.out is not None and self.layer is not None
+        model = None
+        if self.model_dtype != "float32":
+            from orthosae.models import load_model
+
+            model = load_model(self.model, dtype=self.model_dtype)
+        return build_cache(
+            self.out,
+            model_name=self.model,
+            layer=self.layer,
+            n_tokens=self.tokens,
+            corpus=self.corpus,
+            text_field=self.text_field,
+            context_size=self.context_size,
+            batch_size=self.batch_size,
+            dtype=self.dtype,
+            model=model,
+            remove_high_norm=self.remove_high_norm,
+            shard_tokens=self.shard_tokens,
+            progress=self.progress,
+        )

@@ -99,19 +99,19 @@ class _phase:
 
 
 def _build_cache(exp: Experiment) -> None:
-    from orthosae.activations.cache import build_cache
+    from orthosae.activations.cache_config import CacheConfig
 
     c = exp.cfg
-    build_cache(
-        c.cache_dir(),
-        model_name=c.model,
+    CacheConfig(
+        out=str(c.cache_dir()),
+        model=c.model,
         layer=c.layer,
-        n_tokens=c.tokens,
+        tokens=c.tokens,
         corpus=c.corpus,
         context_size=c.context_size,
         remove_high_norm=c.remove_high_norm,
         progress=c.progress,
-    )
+    ).build()
 
 
 def _train(exp: Experiment, overwrite: bool) -> None:
