@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from orthosae.errors import UserError
 from orthosae.experiment.config import build_experiment, load_experiment
@@ -77,6 +78,9 @@ def test_one_stream_feeds_all_and_matches_training_alone(tmp_path: Path, acts_fi
     assert (outs["topk"] / "sae.safetensors").read_bytes() != (outs["orth"] / "sae.safetensors").read_bytes()
     for out in outs.values():
         assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+        events = EventAccumulator(str(out / "tensorboard"))
+        events.Reload()
+        assert [e.step for e in events.Scalars("loss/recon")] == [4, 8]  # every SAE of a sweep logs too
 
 
 def test_speed_table_has_every_variant(tmp_path: Path):

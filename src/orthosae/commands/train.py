@@ -17,8 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--resume",
         metavar="RUN_DIR",
         help="continue the run in RUN_DIR from its last checkpoint, bit-exactly; its config is reused and "
-        "only --steps, --log-every, --checkpoint-every, --max-skipped-batches, --device and --progress "
-        "may change",
+        "only --steps, --log-every, --checkpoint-every, --max-skipped-batches, --device, --progress, "
+        "--tensorboard and --wandb-project may change",
     )
     add_arguments(p, TrainConfig)
     p.set_defaults(func=run)

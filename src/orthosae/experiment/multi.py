@@ -15,6 +15,7 @@ from orthosae.train.config import TrainConfig
 from orthosae.train.data import open_stream
 from orthosae.train.loop import prepare_run_dir, run_cfg
 from orthosae.train.metrics import MetricsLog, RunningMeans
+from orthosae.train.tracking import Trackers
 from orthosae.train.trainer import Trainer
 
 
@@ -26,6 +27,7 @@ def train_many(cfgs: dict[str, TrainConfig], *, progress: bool = True) -> dict[s
     trainers = {name: Trainer(c, stream.d_in) for name, c in cfgs.items()}
     logs = {name: MetricsLog(outs[name] / "metrics.jsonl") for name in cfgs}
     means = {name: RunningMeans() for name in cfgs}
+    trackers = {name: Trackers(c, outs[name]) for name, c in cfgs.items()}
     for name, c in cfgs.items():
         save_toml(c, outs[name] / "config.toml")
     busy = dict.fromkeys(cfgs, 0.0)  # seconds each trainer spent stepping, for its own tokens/s
@@ -42,12 +44,14 @@ def train_many(cfgs: dict[str, TrainConfig], *, progress: bool = True) -> dict[s
                 means[name].add(tr.step(x))
                 busy[name] += time.perf_counter() - t0
                 if (step + 1) % cfgs[name].log_every == 0 or step + 1 == first.steps:
-                    _log(name, logs[name], means[name], tr, step + 1, tokens, busy[name])
+                    trackers[name].log(_log(name, logs[name], means[name], tr, step + 1, tokens, busy[name]))
             bar.update(1)
     finally:
         bar.close()
         for log in logs.values():
             log.close()
+        for t in trackers.values():
+            t.close()
     for name, tr in trainers.items():
         save_sae(tr.sae, outs[name], run_cfg(cfgs[name], tr, stream.meta, tokens))
     return outs
@@ -55,7 +59,7 @@ def train_many(cfgs: dict[str, TrainConfig], *, progress: bool = True) -> dict[s
 
 def _log(
     name: str, log: MetricsLog, means: RunningMeans, tr: Trainer, step: int, tokens: int, busy: float
-) -> None:
+) -> dict[str, float]:
     row = means.pop()
     if row["loss"] != row["loss"] or abs(row["loss"]) == float("inf"):
         raise UserError(
@@ -63,3 +67,4 @@ def _log(
         )
     row.update(step=step, tokens=tokens, lr=tr.lr(), tokens_per_s=tokens / max(busy, 1e-9))
     log.write(row)
+    return row

@@ -47,6 +47,8 @@ RESUMABLE = frozenset(
     {
         "steps",
         "progress",
+        "tensorboard",
+        "wandb_project",
         "log_every",
         "checkpoint_every",
         "max_skipped_batches",

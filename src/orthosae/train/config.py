@@ -106,6 +106,10 @@ class TrainConfig:
     run directory keeps the last two. Continue a run with `orthosae train --resume RUN_DIR`."""
     progress: bool = True
     """Show a progress bar."""
+    tensorboard: bool = True
+    """Also write each metrics line as TensorBoard scalars to OUT/tensorboard (tensorboard --logdir runs)."""
+    wandb_project: str | None = None
+    """Also log to this Weights & Biases project (needs `pip install wandb` and a login; off by default)."""
 
     def validate(self) -> None:
         if (self.activations is None) == (self.model is None):

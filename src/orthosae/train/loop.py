@@ -28,6 +28,7 @@ from orthosae.train.checkpoint import (
 from orthosae.train.config import TrainConfig
 from orthosae.train.data import open_stream
 from orthosae.train.metrics import MetricsLog, RunningMeans
+from orthosae.train.tracking import Trackers
 from orthosae.train.trainer import Trainer
 
 
@@ -46,6 +47,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     first, tokens = restore(ckpt, trainer, means) if ckpt else (0, 0)
     log = MetricsLog(out / "metrics.jsonl", ckpt.metrics_bytes if ckpt else None)  # truncates on resume
     save_toml(replayable(cfg), out / "config.toml")
+    trackers = Trackers(cfg, out, resume_step=first if ckpt else None)
     bar = tqdm(initial=first, total=cfg.steps, disable=not cfg.progress, unit="step", dynamic_ncols=True)
     start, tokens_at_start = time.perf_counter(), tokens
 
@@ -63,9 +65,13 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                 bar.update(1)
                 if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
                     rate = (tokens - tokens_at_start) / (time.perf_counter() - start)
-                    write_row(log, bar, means.pop(), trainer, step=step + 1, tokens=tokens, tokens_per_s=rate)
+                    row = write_row(
+                        log, bar, means.pop(), trainer, step=step + 1, tokens=tokens, tokens_per_s=rate
+                    )
+                    trackers.log(row)
                 periodic = cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0
                 if stop.signum is not None or (periodic and step + 1 < cfg.steps):
+                    trackers.flush()
                     save_checkpoint(
                         out, step=step + 1, tokens=tokens, metrics_bytes=log.sync(), config=replayable(cfg),
                         data=stream.state(), trainer_state=trainer.state_dict(), means=means.state(),
@@ -79,6 +85,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     finally:
         bar.close()
         log.close()
+        trackers.close()
     return out
 
 
@@ -94,7 +101,9 @@ def restore(ckpt: Checkpoint, trainer: Trainer, means: RunningMeans) -> tuple[in
     return ckpt.step, ckpt.tokens
 
 
-def write_row(log: MetricsLog, bar: Any, row: dict[str, float], trainer: Trainer, **extra: Any) -> None:
+def write_row(
+    log: MetricsLog, bar: Any, row: dict[str, float], trainer: Trainer, **extra: Any
+) -> dict[str, float]:
     if not math.isfinite(row["loss"]):
         raise UserError(
             f"loss became {row['loss']} by step {extra['step']}; the SAE was not saved (earlier checkpoints "
@@ -105,6 +114,7 @@ def write_row(log: MetricsLog, bar: Any, row: dict[str, float], trainer: Trainer
     )
     log.write(row)
     bar.set_postfix(loss=f"{row['loss']:.4g}", l0=f"{row['l0']:.1f}", tok_s=f"{row['tokens_per_s']:.0f}")
+    return row
 
 
 def stopped_message(out: Path, step: int, steps: int) -> str:
