@@ -109,7 +109,7 @@ class Trainer:
         self.skipped += 1
         if self.skipped > self.cfg.max_skipped_batches:
             raise UserError(
-                f"loss was {float(loss)} on {self.skipped} batches, more than --max-skipped-batches "
+                f"loss was {float(loss.detach())} on {self.skipped} batches, more than --max-skipped-batches "
                 f"{self.cfg.max_skipped_batches}; stopping without saving; check the data or lower --lr"
             )
         current = [self.tokens_since_fired, self.ema_mean, self.l_orth_init]  # the bound may stay high
