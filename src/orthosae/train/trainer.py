@@ -50,12 +50,22 @@ def build_sae(cfg: TrainConfig, d_in: int) -> SAE:
     return ReLUSAE(d_in, cfg.d_sae, generator=gen, device=cfg.device)
 
 
+def adam(params: list[torch.nn.Parameter], lr: float) -> torch.optim.Adam:
+    """Adam with torch's fused kernel where the device has one: one pass over each parameter instead of the
+    ~10 elementwise passes of the foreach version (4x faster at d=576, n=4608 on the 2-core CPU; the update
+    is the same formula, differing in the last bit)."""
+    try:
+        return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), fused=True)
+    except RuntimeError:  # a device without a fused Adam kernel
+        return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, d_in: int):
         self.cfg = cfg
         self.sae = build_sae(cfg, d_in)
         self.is_topk = isinstance(self.sae, TopKSAE)
-        self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.resolved_lr(), betas=(0.9, 0.999))
+        self.opt = adam(list(self.sae.parameters()), cfg.resolved_lr())
         fn = lr_multiplier(cfg.steps, cfg.resolved_warmup(), cfg.decay_start)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda=fn)
         n, dev = cfg.d_sae, cfg.device
