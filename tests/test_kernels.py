@@ -7,10 +7,13 @@ import torch
 
 from orthosae.orthogonality import orthogonality_penalty
 from orthosae.sae.kernels import (
+    _index_add_rows,
     auxk_indices,
     decode_pairwise,
     encoder_pre_acts,
     gather_pre_acts,
+    scatter_rows,
+    sparse_decode,
     use_dense_backward,
 )
 
@@ -152,3 +155,60 @@ def test_bf16_encoder_gemm_is_close_and_keeps_fp32_gradients():
     (g16,) = torch.autograd.grad(vals.sum(), W)
     (g32,) = torch.autograd.grad(gather_pre_acts(x, W, be, bd, pre32, idx).sum(), W)
     assert g16.dtype == torch.float32 and torch.allclose(g16, g32)  # same positions, exact fp32 grads
+
+
+def _literal_scatter_rows(indices, weights, rows, n):
+    out = torch.zeros(n, rows.shape[1], dtype=rows.dtype)
+    for b in range(indices.shape[0]):
+        for p in range(indices.shape[1]):
+            out[indices[b, p]] += weights[b, p] * rows[b]
+    return out
+
+
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_scatter_rows_matches_literal_loop_with_repeats(m: int):
+    gen = torch.Generator().manual_seed(m)
+    n, batch = 10, 7
+    idx = torch.randint(0, n, (batch, m), generator=gen)  # repeats within a token and across tokens
+    if m > 1:
+        idx[0, 1] = idx[0, 0]
+    w, rows = torch.randn(batch, m, generator=gen), torch.randn(batch, 5, generator=gen)
+    expected = _literal_scatter_rows(idx, w, rows, n)
+    assert torch.allclose(scatter_rows(idx, w, rows, n), expected, atol=1e-5)
+    assert torch.allclose(_index_add_rows(idx, w, rows, n), expected, atol=1e-5)  # the non-CPU path
+
+
+def test_scatter_rows_empty_batch():
+    out = scatter_rows(torch.zeros(0, 4, dtype=torch.long), torch.zeros(0, 4), torch.zeros(0, 3), 6)
+    assert out.shape == (6, 3) and not out.any()
+
+
+@pytest.mark.parametrize("m", [1, 4])
+def test_sparse_decode_gradients_with_repeated_indices(m: int):
+    """The CPU backward (CSR products) against dense autograd, in fp64 with gradcheck as well."""
+    gen = torch.Generator().manual_seed(2)
+    n, batch, d = 12, 5, 6
+    idx = torch.randint(0, n, (batch, m), generator=gen)
+    if m > 1:
+        idx[1, 2] = idx[1, 0]
+    acts = torch.rand(batch, m, generator=gen, dtype=torch.float64).requires_grad_()
+    W = torch.randn(n, d, generator=gen, dtype=torch.float64).requires_grad_()
+    y = sparse_decode(acts, idx, W)
+    y_ref = torch.zeros(batch, n, dtype=torch.float64).scatter_add(1, idx, acts) @ W
+    assert torch.allclose(y, y_ref)
+    g = torch.randn(batch, d, generator=gen, dtype=torch.float64)
+    got = torch.autograd.grad((y * g).sum(), (acts, W))
+    ref = torch.autograd.grad((y_ref * g).sum(), (acts, W))
+    for a, b in zip(got, ref, strict=True):
+        assert torch.allclose(a, b)
+    assert torch.autograd.gradcheck(lambda a, w: sparse_decode(a, idx, w), (acts, W))
+
+
+def test_sparse_decode_gradient_to_one_input_only():
+    gen = torch.Generator().manual_seed(3)
+    idx = torch.randint(0, 9, (4, 3), generator=gen)
+    acts, W = torch.rand(4, 3, generator=gen), torch.randn(9, 5, generator=gen)
+    (gw,) = torch.autograd.grad(sparse_decode(acts, idx, W.requires_grad_()).sum(), W)
+    assert torch.allclose(gw, _literal_scatter_rows(idx, acts, torch.ones(4, 5), 9), atol=1e-6)
+    (ga,) = torch.autograd.grad(sparse_decode(acts.requires_grad_(), idx, W.detach()).sum(), acts)
+    assert torch.allclose(ga, W.detach()[idx].sum(-1), atol=1e-5)

@@ -62,11 +62,11 @@ def test_auxk_is_zero_without_dead_latents():
 def test_scaled_orthogonality():
     l_orth, recon = torch.tensor(6.0, requires_grad=True), torch.tensor(3.0, requires_grad=True)
     out = scaled_orthogonality(l_orth, recon, torch.tensor(2.0), 1e-3)
-    assert math.isclose(float(out), 1e-3 * 3.0 / 2.0 * 6.0, rel_tol=1e-6)
+    assert math.isclose(float(out.detach()), 1e-3 * 3.0 / 2.0 * 6.0, rel_tol=1e-6)
     g_orth, g_recon = torch.autograd.grad(out, (l_orth, recon), allow_unused=True)
     assert math.isclose(float(g_orth), 1e-3 * 1.5, rel_tol=1e-6)
     assert g_recon is None or float(g_recon) == 0.0  # L_recon enters detached
-    assert float(scaled_orthogonality(l_orth, recon, torch.tensor(0.0), 1e-3)) == 0.0
+    assert float(scaled_orthogonality(l_orth, recon, torch.tensor(0.0), 1e-3).detach()) == 0.0
 
 
 def test_lr_schedule_shape():

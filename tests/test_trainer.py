@@ -54,7 +54,7 @@ def _reference_first_step(cfg: TrainConfig, params: dict[str, torch.Tensor], x: 
     opt.step()
     with torch.no_grad():
         p["W_dec"] /= p["W_dec"].norm(dim=1, keepdim=True)
-    return p, float(loss)
+    return p, float(loss.detach())
 
 
 @pytest.mark.parametrize("orth,share", [(False, False), (True, False), (True, True)])

@@ -16,6 +16,7 @@ GEMM; `"auto"` picks per shape with `use_dense_backward` (see there for the meas
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -94,13 +95,70 @@ class _GatherPreActs(torch.autograd.Function):
                 # scatter_add: AuxK's padding picks may repeat a top-k index (with gradient 0).
                 grad_w = xc.T @ g.new_zeros(g.shape[0], n).scatter_add_(1, indices, g)
             else:
-                grad_w = _index_add_rows(indices, g, xc, n).T
+                grad_w = scatter_rows(indices, g, xc, n).T
         if need_bd:
             # Σ_b Σ_p g_bp W_enc[:, idx_bp] = W_enc · (the per-latent sums already in grad_be).
             grad_bd = -(W_enc @ grad_be)
         if need_x:
             grad_x = F.embedding_bag(indices, W_enc.T.contiguous(), per_sample_weights=g, mode="sum")
         return grad_x, grad_w, grad_be if need_be else None, grad_bd, None, None, None
+
+
+def scatter_rows(indices: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
+    """out (n, d) with out[indices[b, p]] += weights[b, p] · rows[b]: the weight gradient of a product with
+    a (B, n) matrix that has m = indices.shape[1] non-zeros per row (repeated indices add up).
+
+    On CPU it is the sparse product Sᵀ·rows with Sᵀ built in CSR (latents × tokens): measured 1.3–2× faster
+    than embedding_bag's backward at training shapes on the 2-core CPU. Other devices use that backward."""
+    if rows.device.type != "cpu":
+        return _index_add_rows(indices, weights, rows, n)
+    batch, m = indices.shape
+    flat = indices.reshape(-1)
+    order = flat.argsort(stable=True)  # group the entries by latent, tokens ascending within each
+    crow = torch.zeros(n + 1, dtype=torch.long)
+    torch.cumsum(torch.bincount(flat, minlength=n), 0, out=crow[1:])
+    values = weights.reshape(-1)[order].to(rows.dtype)
+    with warnings.catch_warnings():  # torch flags sparse CSR as beta on every construction
+        warnings.simplefilter("ignore")
+        st = torch.sparse_csr_tensor(crow, order // m, values, (n, batch), check_invariants=False)
+    return st @ rows
+
+
+class _SparseDecode(torch.autograd.Function):
+    """Σ_p a_bp · W[idx_bp] per token (embedding_bag) with a CPU backward that never gathers the B·m rows:
+    grad W by `scatter_rows`, grad a by a sampled product (each a_bp gets grad_b · W[idx_bp])."""
+
+    @staticmethod
+    def forward(ctx: Any, acts: torch.Tensor, indices: torch.Tensor, W: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(acts, indices, W)
+        return F.embedding_bag(indices, W, per_sample_weights=acts, mode="sum")
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, torch.Tensor | None]:  # type: ignore[override]
+        acts, indices, W = ctx.saved_tensors
+        need_acts, _, need_w = ctx.needs_input_grad
+        grad_acts = grad_w = None
+        if need_acts:
+            batch, m = indices.shape
+            crow = torch.arange(0, batch * m + 1, m, device=indices.device)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                pattern = torch.sparse_csr_tensor(
+                    crow, indices.reshape(-1), acts.new_zeros(batch * m), (batch, W.shape[0]),
+                    check_invariants=False,
+                )  # fmt: skip
+                picked = torch.sparse.sampled_addmm(pattern, grad.contiguous(), W.T, beta=0.0)
+            grad_acts = picked.values().view(batch, m)
+        if need_w:
+            grad_w = scatter_rows(indices, acts, grad, W.shape[0])
+        return grad_acts, None, grad_w
+
+
+def sparse_decode(acts: torch.Tensor, indices: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """Σ_p acts[b, p] · W[indices[b, p]] per token (B, d), touching only the selected rows (no bias)."""
+    if W.device.type != "cpu" or indices.shape[1] == 0:
+        return F.embedding_bag(indices, W, per_sample_weights=acts, mode="sum")
+    return _SparseDecode.apply(acts, indices, W)
 
 
 def _index_add_rows(indices: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:

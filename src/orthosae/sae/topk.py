@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from orthosae.sae import kernels
 from orthosae.sae.base import SAE, SAEOutput
 from orthosae.sae.init import random_unit_rows
 
 
 def sparse_decode(top_acts: torch.Tensor, top_indices: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
     """Σ_j a_j · W_dec[idx_j] per token, touching only the k selected rows (no bias)."""
-    return F.embedding_bag(top_indices, W_dec, per_sample_weights=top_acts, mode="sum")
+    return kernels.sparse_decode(top_acts, top_indices, W_dec)
 
 
 class TopKSAE(SAE):
