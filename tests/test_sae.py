@@ -87,9 +87,13 @@ def test_normalize_and_remove_parallel_grad():
     with torch.no_grad():
         sae.W_dec.mul_(torch.rand(40, 1) + 0.5)
     sae.W_dec.grad = torch.randn_like(sae.W_dec)
+    g = sae.W_dec.grad.double()
+    w = sae.W_dec.detach().double()
+    expected = torch.stack([g[i] - (g[i] @ w[i]) / (w[i] @ w[i]) * w[i] for i in range(len(w))])  # literal
     sae.remove_parallel_grad_()
     unit = sae.W_dec / sae.W_dec.norm(dim=1, keepdim=True)
     assert (sae.W_dec.grad * unit).sum(dim=1).abs().max() < 1e-5
+    assert torch.allclose(sae.W_dec.grad.double(), expected, atol=1e-6)
     sae.normalize_decoder_()
     assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(40), atol=1e-6)
 
