@@ -40,7 +40,9 @@ OURS = (
     "ours",
     "ours_dense",
     "ours_bf16",
+    "ours_compile",
     "orth_pairwise",
+    "orth_pairwise_compile",
     "orth_pairwise_shared",
     "orth_sparse",
     "orth_masked_dense",
@@ -74,7 +76,8 @@ def _ours_trainer(case: str, d: int, n: int, k: int, b: int, **kw: Any) -> Any:
 
     orth = case.startswith("orth_")
     shared = case.endswith("_shared")
-    case = case.removesuffix("_shared")
+    compiled = case.endswith("_compile")
+    case = case.removesuffix("_shared").removesuffix("_compile")
     cfg = TrainConfig(
         activations="bench.npy",
         d_sae=n,
@@ -86,6 +89,7 @@ def _ours_trainer(case: str, d: int, n: int, k: int, b: int, **kw: Any) -> Any:
         orth_share_gather=shared,
         kernel="dense" if case == "ours_dense" else "auto",
         bf16_encoder=case == "ours_bf16",
+        compile=compiled,
         **kw,
     )
     return Trainer(cfg, d)
@@ -134,6 +138,9 @@ def worker(case: str, d: int, n: int, k: int, b: int, repeats: int) -> dict[str,
 
     else:
         trainer = _ours_trainer(case, d, n, k, b)
+        if case.endswith("_compile"):
+            for _ in range(2):  # compile, then the one recompile once the step counters turn dynamic
+                trainer.step(x)
 
         def step(_: int) -> None:
             trainer.step(x)
@@ -260,6 +267,8 @@ LABELS = {
     "ours_bf16": "    ours TopK step (bf16 encoder GEMM)",
     "orth_pairwise": "(b) ours TopK+orth pairwise",
     "orth_pairwise_shared": "    … pairwise, decode from shared gather",
+    "ours_compile": "    ours TopK step (torch.compile)",
+    "orth_pairwise_compile": "    … pairwise (torch.compile)",
     "orth_sparse": "(c) ours TopK+orth sparse",
     "orth_masked_dense": "(c) ours TopK+orth masked_dense",
     "dl": "(d) dictionary_learning TopKTrainer.update",
@@ -285,6 +294,13 @@ def _print_goals(res: dict[str, dict[str, Any]]) -> None:
     a, e = m("ours"), m("gemm")
     checks = [
         ("(b)/(a) pairwise overhead", m("orth_pairwise"), a, "≤ 1.10", lambda v: v <= 1.10),
+        (
+            "  same, both compiled",
+            m("orth_pairwise_compile"),
+            m("ours_compile"),
+            "≤ 1.10",
+            lambda v: v <= 1.10,
+        ),
         ("masked_dense/pairwise", m("orth_masked_dense"), m("orth_pairwise"), "≥ 20", lambda v: v >= 20),
         ("sparse/pairwise", m("orth_sparse"), m("orth_pairwise"), "(info)", lambda v: True),
         ("(d)/(a) dictionary_learning/ours", m("dl"), a, "≥ 3", lambda v: v >= 3),

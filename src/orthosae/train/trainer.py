@@ -78,6 +78,11 @@ class Trainer:
         # Host-side upper bound on every tokens_since_fired entry: while it is below dead_tokens no latent
         # can be dead, so AuxK is provably 0 and is skipped without reading the device.
         self.tokens_bound = 0
+        if cfg.compile and self.is_topk:
+            # The forward and losses only: the backward runs through autograd either way, and the
+            # optimizer is already one fused kernel per parameter.
+            self._topk_pass = torch.compile(self._topk_pass)  # type: ignore[method-assign]
+            self._topk_terms = torch.compile(self._topk_terms)  # type: ignore[method-assign]
 
     def step(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """One optimizer step on a (B, d_in) batch. Returns detached 0-dim tensors (no host sync)."""
