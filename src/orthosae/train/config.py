@@ -106,6 +106,9 @@ class TrainConfig:
     run directory keeps the last two. Continue a run with `orthosae train --resume RUN_DIR`."""
     progress: bool = True
     """Show a progress bar."""
+    dist_timeout: float = 300.0
+    """Multi-process runs (torchrun): seconds a rank waits for the others in a collective before it stops
+    with an error, so a rank that hangs or dies never leaves the rest waiting forever."""
 
     def validate(self) -> None:
         if (self.activations is None) == (self.model is None):
@@ -134,6 +137,8 @@ class TrainConfig:
             raise UserError(f"--warmup-steps must be in [0, steps={self.steps}), got {self.warmup_steps}")
         if self.max_skipped_batches < 0:
             raise UserError(f"--max-skipped-batches must be ≥ 0, got {self.max_skipped_batches}")
+        if not (math.isfinite(self.dist_timeout) and self.dist_timeout > 0):
+            raise UserError(f"--dist-timeout must be a positive number of seconds, got {self.dist_timeout}")
         if self.k_aux is not None and self.k_aux <= 0:
             raise UserError(f"--k-aux must be positive, got {self.k_aux}")
         if self.orth and self.arch != "topk":
