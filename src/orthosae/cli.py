@@ -41,6 +41,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # --help, --version and usage errors
         return int(e.code or 0)
     try:
+        if _multi_process() and ns.command != "train":
+            raise UserError(
+                f"only `orthosae train` runs under torchrun; run `orthosae {ns.command}` as one process"
+            )
         code = ns.func(ns)
     except UserError as e:
         if _speaks(e):
@@ -60,9 +64,13 @@ def _speaks(e: UserError) -> bool:
     what they saw themselves (messages that name their rank), so one bad flag gives one line."""
     if getattr(e, "quiet", False):
         return False
-    if os.environ.get("WORLD_SIZE", "1").strip() in ("", "0", "1"):
+    if not _multi_process():
         return True
     return os.environ.get("RANK", "0") == "0" or str(e).startswith("rank ")
+
+
+def _multi_process() -> bool:
+    return os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1")
 
 
 if __name__ == "__main__":
