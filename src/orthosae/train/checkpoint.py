@@ -35,7 +35,7 @@ from orthosae.atomic import write_json, write_with
 from orthosae.config import from_dict, to_dict
 from orthosae.errors import UserError
 from orthosae.train.config import TrainConfig
-from orthosae.train.distributed import world_size
+from orthosae.train.distributed import env_rank, world_size
 
 CHECKPOINT_DIR = "checkpoints"
 FORMAT, VERSION = "orthosae-checkpoint", 1
@@ -372,8 +372,9 @@ class StopOnSignal:
             self.__exit__()
             raise KeyboardInterrupt  # second signal: abort now (atomic writes keep the last checkpoint)
         self.signum = signum
-        print(
-            f"\northosae: {signal.Signals(signum).name}: finishing this step and saving a checkpoint "
-            "(press Ctrl-C again to abort)",
-            file=sys.stderr,
-        )
+        if env_rank() == 0:  # under torchrun every rank gets the signal; one message is enough
+            print(
+                f"\northosae: {signal.Signals(signum).name}: finishing this step and saving a checkpoint "
+                "(press Ctrl-C again to abort)",
+                file=sys.stderr,
+            )
