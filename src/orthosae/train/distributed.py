@@ -259,13 +259,19 @@ def average_means_(means: Any, ranks: Ranks | None) -> None:
 
 
 class NoLog:
-    """What ranks other than 0 write metrics to: nothing."""
+    """What ranks other than 0 write metrics to (the log file, trackers): nothing."""
 
     def write(self, row: dict[str, Any]) -> None:
         pass
 
+    def log(self, row: dict[str, Any]) -> None:
+        pass
+
     def sync(self) -> int:
         return 0
+
+    def flush(self) -> None:
+        pass
 
     def close(self) -> None:
         pass
