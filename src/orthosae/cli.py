@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -40,13 +41,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # --help, --version and usage errors
         return int(e.code or 0)
     try:
-        return ns.func(ns)
+        if _multi_process() and ns.command != "train":
+            raise UserError(
+                f"only `orthosae train` runs under torchrun; run `orthosae {ns.command}` as one process"
+            )
+        code = ns.func(ns)
     except UserError as e:
-        print(f"orthosae: error: {e}", file=sys.stderr)
-        return 2
+        if _speaks(e):
+            print(f"orthosae: error: {e}", file=sys.stderr)
+        code = int(getattr(e, "exit_code", 2))
     except KeyboardInterrupt:
         print("orthosae: interrupted", file=sys.stderr)
-        return 130
+        code = 130
+    distributed = sys.modules.get("orthosae.train.distributed")
+    if distributed is not None:  # a torchrun rank ends here (see exit_process)
+        distributed.exit_process(code)
+    return code
+
+
+def _speaks(e: UserError) -> bool:
+    """Under torchrun every rank checks the same options: rank 0 reports those, the others report only
+    what they saw themselves (messages that name their rank), so one bad flag gives one line."""
+    if getattr(e, "quiet", False):
+        return False
+    if not _multi_process():
+        return True
+    return os.environ.get("RANK", "0") == "0" or str(e).startswith("rank ")
+
+
+def _multi_process() -> bool:
+    return os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1")
 
 
 if __name__ == "__main__":

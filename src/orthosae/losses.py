@@ -39,14 +39,18 @@ def auxk_loss_from_acts(
     aux_indices: torch.Tensor,
     W_dec: torch.Tensor,
     any_dead: torch.Tensor,
+    denom: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """AuxK from already selected dead-latent activations (B, k_aux), 0 where a pick is not dead.
 
     `any_dead` is a 0-dim bool tensor: multiplying by it (instead of branching) keeps the step sync-free.
+    `denom` replaces the residual's variance about its batch mean, when the batch is split across
+    processes and the variance must be the whole batch's.
     """
     aux_hat = sparse_decode(aux_acts, aux_indices, W_dec)  # no bias: it explains the residual, not x
     err = (residual - aux_hat).pow(2).sum(dim=-1).mean()
-    denom = (residual - residual.mean(dim=0, keepdim=True)).pow(2).sum(dim=-1).mean()
+    if denom is None:
+        denom = (residual - residual.mean(dim=0, keepdim=True)).pow(2).sum(dim=-1).mean()
     return (err / denom).nan_to_num(0.0) * any_dead
 
 

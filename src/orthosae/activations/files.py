@@ -87,6 +87,10 @@ class ArrayBatches(Iterator[torch.Tensor]):
     """Endless float32 batches from an (N, d) array: batch j is rows [jB, (j+1)B) of perm_0 ‖ perm_1 ‖ …,
     one seeded permutation per epoch, so a batch may span two epochs.
 
+    With `part=(rank, world)` it yields only rows [rank·B/world, (rank+1)·B/world) of each of those
+    batches (B = batch_size, the global batch) and reads nothing else: the ranks of a data-parallel run
+    split every batch into disjoint equal slices. The position, and so `state()`, is the global one.
+
     `state()` is a small JSON-able dict (the generator state at the start of the current epoch and the
     offset into it); pass it back as `state=` to continue with exactly the next batch.
     """
@@ -98,8 +102,11 @@ class ArrayBatches(Iterator[torch.Tensor]):
         seed: int,
         device: str = "cpu",
         state: dict[str, Any] | None = None,
+        part: tuple[int, int] = (0, 1),
     ) -> None:
         self.arr, self.batch_size, self.seed, self.device = arr, batch_size, seed, device
+        rank, world = part
+        self.rows = slice(rank * batch_size // world, (rank + 1) * batch_size // world)
         self.n = int(arr.shape[0])
         self.gen = torch.Generator().manual_seed(seed)
         self.epoch, self.offset, self.batches = -1, self.n, 0  # no epoch drawn yet
@@ -158,7 +165,7 @@ class ArrayBatches(Iterator[torch.Tensor]):
             parts.append(part)
             self.offset += len(part)
             need -= len(part)
-        idx = (parts[0] if len(parts) == 1 else torch.cat(parts)).numpy()
+        idx = (parts[0] if len(parts) == 1 else torch.cat(parts))[self.rows].numpy()
         self.batches += 1
         rows = np.sort(idx)  # sorted reads are kinder to a memory map
         order = torch.from_numpy(np.argsort(np.argsort(idx)))

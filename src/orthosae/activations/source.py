@@ -57,12 +57,17 @@ def from_cache(
     model: str | None = None,
     layer: int | None = None,
     verify: bool = True,
+    part: tuple[int, int] = (0, 1),
 ) -> ActivationSource:
-    """Shuffled batches from an activation cache; `model`/`layer` (if given) must match the cache's."""
+    """Shuffled batches from an activation cache; `model`/`layer` (if given) must match the cache's.
+
+    `part=(rank, world)`: only this rank's slice of each batch (see `ShuffleBuffer`)."""
     cache = open_cache(path, verify=verify)
     cache.check_matches(model=model, layer=layer)
     windows = CacheWindows(cache, seed=seed, window_tokens=window_tokens, chunk_tokens=chunk_tokens)
-    buffer = ShuffleBuffer(windows, batch_size=batch_size, seed=seed, max_epochs=max_epochs, state=state)
+    buffer = ShuffleBuffer(
+        windows, batch_size=batch_size, seed=seed, max_epochs=max_epochs, state=state, part=part
+    )
     return ActivationSource(buffer, cache.d_model, cache.metadata())
 
 

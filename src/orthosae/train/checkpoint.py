@@ -35,6 +35,7 @@ from orthosae.atomic import write_json, write_with
 from orthosae.config import from_dict, to_dict
 from orthosae.errors import UserError
 from orthosae.train.config import TrainConfig
+from orthosae.train.distributed import env_rank, world_size
 
 CHECKPOINT_DIR = "checkpoints"
 FORMAT, VERSION = "orthosae-checkpoint", 1
@@ -53,6 +54,7 @@ RESUMABLE = frozenset(
         "checkpoint_every",
         "max_skipped_batches",
         "device",
+        "dist_timeout",
         "out",
         "overwrite",
     }
@@ -70,6 +72,7 @@ class Checkpoint:
     rng: dict[str, Any]
     trainer: dict[str, Any]  # Trainer.state_dict() layout, tensors on CPU
     means: tuple[dict[str, torch.Tensor], int]
+    world_size: int = 1  # processes that trained it (torchrun); resume needs the same number
 
 
 # --- writing ----------------------------------------------------------------------------------------
@@ -85,6 +88,7 @@ def save_checkpoint(
     data: dict[str, Any],
     trainer_state: dict[str, Any],
     means: tuple[dict[str, torch.Tensor], int],
+    world_size: int = 1,
 ) -> Path:
     """Write a checkpoint atomically, then drop all but the newest `KEEP`. Refuses non-finite state."""
     tensors: dict[str, torch.Tensor] = {}
@@ -94,6 +98,7 @@ def save_checkpoint(
         "step": step,
         "tokens": tokens,
         "metrics_bytes": metrics_bytes,
+        "world_size": world_size,
         "config": to_dict(config),
         "data": data,
         "rng": rng_state(),
@@ -210,6 +215,7 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
             rng=dict(body["rng"]),
             trainer=_join(body["trainer"], tensors),
             means=(_join(means["sums"], tensors), _nonneg(means["count"])),
+            world_size=_nonneg(body.get("world_size", 1)),
         )
     except (SafetensorError, KeyError, TypeError, ValueError) as e:
         raise UserError(f"checkpoint {json_path} is damaged ({e!r}){fallback}") from None
@@ -237,6 +243,12 @@ def resumed_config(run_dir: Path, given: dict[str, Any], source: str) -> TrainCo
                 f"cannot resume {run_dir} with {name} = {new!r}: the run used {old!r}; only "
                 f"{', '.join(sorted(RESUMABLE - {'out', 'overwrite'}))} may change (start a new run instead)"
             )
+    world, saved_world = world_size(), body.get("world_size", 1)
+    if world != saved_world:
+        raise UserError(
+            f"cannot resume {run_dir} with {world} process(es): it was trained with {saved_world}; resume "
+            f"with the same world size (torchrun --nnodes × --nproc_per_node = {saved_world})"
+        )
     if cfg.steps < body["step"]:
         raise UserError(f"--steps {cfg.steps} is below the checkpoint's step {body['step']}; give more steps")
     if cfg.steps != base.steps:  # keep the schedule's fixed points where the run started them
@@ -362,8 +374,9 @@ class StopOnSignal:
             self.__exit__()
             raise KeyboardInterrupt  # second signal: abort now (atomic writes keep the last checkpoint)
         self.signum = signum
-        print(
-            f"\northosae: {signal.Signals(signum).name}: finishing this step and saving a checkpoint "
-            "(press Ctrl-C again to abort)",
-            file=sys.stderr,
-        )
+        if env_rank() == 0:  # under torchrun every rank gets the signal; one message is enough
+            print(
+                f"\northosae: {signal.Signals(signum).name}: finishing this step and saving a checkpoint "
+                "(press Ctrl-C again to abort)",
+                file=sys.stderr,
+            )

@@ -114,6 +114,9 @@ class TrainConfig:
     """Also write each metrics line as TensorBoard scalars to OUT/tensorboard (tensorboard --logdir runs)."""
     wandb_project: str | None = None
     """Also log to this Weights & Biases project (needs `pip install wandb` and a login; off by default)."""
+    dist_timeout: float = 300.0
+    """Multi-process runs (torchrun): seconds a rank waits for the others in a collective before it stops
+    with an error, so a rank that hangs or dies never leaves the rest waiting forever."""
 
     def validate(self) -> None:
         if (self.activations is None) == (self.model is None):
@@ -142,6 +145,8 @@ class TrainConfig:
             raise UserError(f"--warmup-steps must be in [0, steps={self.steps}), got {self.warmup_steps}")
         if self.max_skipped_batches < 0:
             raise UserError(f"--max-skipped-batches must be ≥ 0, got {self.max_skipped_batches}")
+        if not (math.isfinite(self.dist_timeout) and self.dist_timeout > 0):
+            raise UserError(f"--dist-timeout must be a positive number of seconds, got {self.dist_timeout}")
         if self.k_aux is not None and self.k_aux <= 0:
             raise UserError(f"--k-aux must be positive, got {self.k_aux}")
         if self.orth and self.arch != "topk":

@@ -29,15 +29,22 @@ class ActivationStream:
     state: Callable[[], dict[str, Any]] = dict  # the position after the last batch taken
 
 
-def open_stream(cfg: TrainConfig, state: dict[str, Any] | None = None) -> ActivationStream:
-    """Open the data `cfg` names, at position `state` (from `ActivationStream.state()`) when given."""
+def open_stream(
+    cfg: TrainConfig, state: dict[str, Any] | None = None, part: tuple[int, int] = (0, 1)
+) -> ActivationStream:
+    """Open the data `cfg` names, at position `state` (from `ActivationStream.state()`) when given.
+
+    `part=(rank, world)`: yield only this rank's rows [rank·B/world, (rank+1)·B/world) of each global
+    batch of cfg.batch_size (B); the position stays the global one, the same on every rank."""
     if cfg.activations is not None:
         path = Path(cfg.activations)
         if path.is_dir():
-            return _cache_stream(path, cfg, state)
+            return _cache_stream(path, cfg, state, part)
         arr = load_array(path)
-        batches = ArrayBatches(arr, cfg.batch_size, cfg.seed, cfg.device, state=_inner(state, "array"))
+        inner = _inner(state, "array")
+        batches = ArrayBatches(arr, cfg.batch_size, cfg.seed, cfg.device, state=inner, part=part)
         return ActivationStream(arr.shape[1], batches, state=batches.state)
+    assert part[1] == 1, "streaming is refused in multi-process runs (distributed.check_options)"
     return _live_stream(cfg, state)
 
 
@@ -50,12 +57,15 @@ def _inner(state: dict[str, Any] | None, kind: str) -> dict[str, Any] | None:
     return state
 
 
-def _cache_stream(path: Path, cfg: TrainConfig, state: dict[str, Any] | None) -> ActivationStream:
+def _cache_stream(
+    path: Path, cfg: TrainConfig, state: dict[str, Any] | None, part: tuple[int, int]
+) -> ActivationStream:
     from orthosae.activations.source import from_cache
 
     inner = _inner(state, "cache")
     with _damaged_state(path):
-        src = from_cache(path, batch_size=cfg.batch_size, seed=cfg.seed, state=_buffer_state(inner, path))
+        buffer_state = _buffer_state(inner, path)
+        src = from_cache(path, batch_size=cfg.batch_size, seed=cfg.seed, state=buffer_state, part=part)
     ident = {"n_tokens": src.batches.source.cache.n_tokens, "d_model": src.d_model}
     for key, value in ident.items():
         if inner is not None and inner.get(key) != value:

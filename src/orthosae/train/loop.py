@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import signal
 import sys
 import time
 from pathlib import Path
@@ -27,28 +28,35 @@ from orthosae.train.checkpoint import (
 )
 from orthosae.train.config import TrainConfig
 from orthosae.train.data import open_stream
+from orthosae.train.distributed import NoLog, Ranks, any_rank, average_means_, on_main, pop_means
 from orthosae.train.metrics import MetricsLog, RunningMeans
 from orthosae.train.tracking import Trackers
 from orthosae.train.trainer import Trainer
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> Path:
+def train(cfg: TrainConfig, resume: bool = False, ranks: Ranks | None = None) -> Path:
     """Train one SAE as `cfg` says and write the run directory (with `resume`, continue the last
-    checkpoint in cfg.out). Returns its path. Raises `Stopped` after checkpointing on SIGINT/SIGTERM."""
+    checkpoint in cfg.out). Returns its path. Raises `Stopped` after checkpointing on SIGINT/SIGTERM.
+
+    With `ranks` (torchrun), this process trains on its slice of every global batch; rank 0 alone writes
+    the run directory, and every step ends with the same SAE on all ranks."""
     if cfg.checkpoint_every < 0:
         raise UserError(f"--checkpoint-every must be ≥ 0, got {cfg.checkpoint_every}")
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
     ckpt = load_checkpoint(out) if resume else None
-    stream = open_stream(cfg, ckpt.data if ckpt else None)
+    main, world = ranks is None or ranks.is_main, 1 if ranks is None else ranks.world
+    stream = open_stream(cfg, ckpt.data if ckpt else None, (0, 1) if ranks is None else (ranks.rank, world))
     if not resume:
-        prepare_run_dir(out, cfg.overwrite)
-    trainer, means = Trainer(cfg, stream.d_in), RunningMeans()
+        on_main(ranks, lambda: prepare_run_dir(out, cfg.overwrite), "preparing the run directory")
+    trainer, means = Trainer(cfg, stream.d_in, ranks), RunningMeans()
     first, tokens = restore(ckpt, trainer, means) if ckpt else (0, 0)
-    log = MetricsLog(out / "metrics.jsonl", ckpt.metrics_bytes if ckpt else None)  # truncates on resume
-    save_toml(replayable(cfg), out / "config.toml")
-    trackers = Trackers(cfg, out, resume_step=first if ckpt else None)
-    bar = tqdm(initial=first, total=cfg.steps, disable=not cfg.progress, unit="step", dynamic_ncols=True)
+    log = on_main(ranks, lambda: open_log(out, cfg, ckpt), "opening metrics.jsonl") or NoLog()
+    resume_step = first if ckpt else None
+    trackers = on_main(ranks, lambda: Trackers(cfg, out, resume_step), "opening the trackers") or NoLog()
+    bar = tqdm(
+        initial=first, total=cfg.steps, disable=not (cfg.progress and main), unit="step", dynamic_ncols=True
+    )
     start, tokens_at_start = time.perf_counter(), tokens
 
     try:
@@ -61,32 +69,53 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                     )
                     break
                 means.add(trainer.step(x))
-                tokens += x.shape[0]
+                tokens += x.shape[0] * world
                 bar.update(1)
                 if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
                     rate = (tokens - tokens_at_start) / (time.perf_counter() - start)
-                    row = write_row(
-                        log, bar, means.pop(), trainer, step=step + 1, tokens=tokens, tokens_per_s=rate
+                    row = pop_means(means, ranks)
+                    trackers.log(
+                        write_row(log, bar, row, trainer, step=step + 1, tokens=tokens, tokens_per_s=rate)
                     )
-                    trackers.log(row)
                 periodic = cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0
-                if stop.signum is not None or (periodic and step + 1 < cfg.steps):
+                # Ranks receive a signal at different steps: they agree on one, so all stop at the same step.
+                stopping = stop.signum is not None
+                if ranks is not None:
+                    stopping = any_rank(stopping, ranks, "agreeing when to stop")
+                if stopping or (periodic and step + 1 < cfg.steps):
                     trackers.flush()
-                    save_checkpoint(
-                        out, step=step + 1, tokens=tokens, metrics_bytes=log.sync(), config=replayable(cfg),
+                    average_means_(means, ranks)
+                    on_main(ranks, lambda step=step + 1, tokens=tokens: save_checkpoint(
+                        out, step=step, tokens=tokens, metrics_bytes=log.sync(), config=replayable(cfg),
                         data=stream.state(), trainer_state=trainer.state_dict(), means=means.state(),
-                    )  # fmt: skip
-                if stop.signum is not None:
-                    raise Stopped(stopped_message(out, step + 1, cfg.steps), 128 + stop.signum)
+                        world_size=world,
+                    ), "saving a checkpoint")  # fmt: skip
+                if stopping:
+                    signum = stop.signum or signal.SIGTERM
+                    raise Stopped(stopped_message(out, step + 1, cfg.steps), 128 + signum)
             bar.close()
             log.close()
-            save_sae(trainer.sae, out, run_cfg(cfg, trainer, stream.meta, tokens))
-            remove_checkpoints(out)  # the run is complete
+            on_main(
+                ranks,
+                lambda: finish(out, trainer, run_cfg(cfg, trainer, stream.meta, tokens)),
+                "saving the SAE",
+            )
     finally:
         bar.close()
         log.close()
         trackers.close()
     return out
+
+
+def open_log(out: Path, cfg: TrainConfig, ckpt: Checkpoint | None) -> MetricsLog:
+    log = MetricsLog(out / "metrics.jsonl", ckpt.metrics_bytes if ckpt else None)  # truncates on resume
+    save_toml(replayable(cfg), out / "config.toml")
+    return log
+
+
+def finish(out: Path, trainer: Trainer, saved_cfg: dict[str, Any]) -> None:
+    save_sae(trainer.sae, out, saved_cfg)
+    remove_checkpoints(out)  # the run is complete
 
 
 def restore(ckpt: Checkpoint, trainer: Trainer, means: RunningMeans) -> tuple[int, int]:

@@ -26,7 +26,9 @@ from orthosae.sae.kernels import (
     use_dense_backward,
 )
 from orthosae.sae.topk import sparse_decode
+from orthosae.train import distributed as ddp
 from orthosae.train.config import TrainConfig
+from orthosae.train.distributed import Ranks
 from orthosae.train.schedule import lr_multiplier
 
 
@@ -61,8 +63,14 @@ def adam(params: list[torch.nn.Parameter], lr: float) -> torch.optim.Adam:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, d_in: int):
+    """With `ranks` (a data-parallel run), `step` takes this rank's equal share of the global batch and
+    every rank ends the step with the same parameters and statistics as one process given the whole batch.
+    """
+
+    def __init__(self, cfg: TrainConfig, d_in: int, ranks: Ranks | None = None):
         self.cfg = cfg
+        self.ranks = ranks
+        self.world = ranks.world if ranks is not None else 1
         self.sae = build_sae(cfg, d_in)
         self.is_topk = isinstance(self.sae, TopKSAE)
         self.opt = adam(list(self.sae.parameters()), cfg.resolved_lr())
@@ -89,17 +97,20 @@ class Trainer:
         cfg, sae = self.cfg, self.sae
         if self.step_idx == 0 and self.is_topk:
             with torch.no_grad():
-                sae.b_dec.copy_(geometric_median(x))
+                first = x if self.ranks is None else ddp.all_gather_rows(x, self.ranks)
+                sae.b_dec.copy_(geometric_median(first))
         guard = cfg.max_skipped_batches > 0
         saved = self._running_state() if guard else None
         terms = self._topk_terms(x, self._topk_pass(x)) if self.is_topk else self._relu_terms(x, sae(x))
         loss = sum(terms[name] for name in ("recon", "auxk_weighted", "l1_weighted", "orth_scaled"))
         assert isinstance(loss, torch.Tensor)
-        if saved is not None and not bool(torch.isfinite(loss)):
+        if saved is not None and not self._all_finite(loss):
             return self._skip(saved, terms, loss)
 
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if self.ranks is not None:
+            ddp.average_gradients_(list(sae.parameters()), self.ranks)
         if self.is_topk:
             sae.remove_parallel_grad_()
         if cfg.grad_clip > 0:
@@ -112,6 +123,13 @@ class Trainer:
         terms["loss"] = loss
         terms["skipped"] = torch.zeros((), device=loss.device)
         return {name: t.detach() for name, t in terms.items()}
+
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        """Whether the loss is finite on every rank (all must skip the same batches)."""
+        finite = torch.isfinite(loss.detach()).to(torch.float32)
+        if self.ranks is not None:
+            finite = ddp.all_reduce_sum_(finite, self.ranks) == self.world
+        return bool(finite)
 
     def _running_state(self) -> list[torch.Tensor]:
         """Copies of the statistics a forward pass updates, to restore if the batch is skipped."""
@@ -147,9 +165,7 @@ class Trainer:
         f = out.latents
         terms["l1"] = l1_penalty(f, sae.W_dec)
         terms["l1_weighted"] = cfg.l1 * terms["l1"]
-        fired_idx = (f > 0).any(dim=0)
-        self.tokens_since_fired += x.shape[0]
-        self.tokens_since_fired.masked_fill_(fired_idx, 0)
+        self._mark_fired((f > 0).any(dim=0), x.shape[0])
         terms["l0"] = (f > 0).sum(dim=-1).float().mean()
         terms["dead_frac"] = (self.tokens_since_fired >= cfg.dead_tokens).float().mean()
         return terms
@@ -164,7 +180,7 @@ class Trainer:
         pre = encoder_pre_acts(x, sae.W_enc, sae.b_enc, sae.b_dec, gemm_dtype)
         top_idx = pre.topk(k, dim=-1, sorted=False).indices
         self._track_firing(top_idx, x.shape[0])
-        self.tokens_bound += x.shape[0]
+        self.tokens_bound += x.shape[0] * self.world
         dead = self.tokens_since_fired >= cfg.dead_tokens
         aux_idx = valid = None
         idx = top_idx
@@ -204,7 +220,8 @@ class Trainer:
         self._track_threshold(p.top_acts)
         if p.aux_acts is not None and p.aux_indices is not None:
             residual = (x - p.x_hat).detach()
-            aux = auxk_loss_from_acts(residual, p.aux_acts, p.aux_indices, sae.W_dec, p.dead.any())
+            denom = None if self.ranks is None else self._global_variance(residual)
+            aux = auxk_loss_from_acts(residual, p.aux_acts, p.aux_indices, sae.W_dec, p.dead.any(), denom)
             terms["auxk"], terms["auxk_weighted"] = aux, cfg.auxk_alpha * aux
         if cfg.orth:
             if p.l_orth is not None:
@@ -219,8 +236,23 @@ class Trainer:
     def _track_firing(self, idx: torch.Tensor, batch: int) -> None:
         fired = torch.zeros_like(self.tokens_since_fired, dtype=torch.bool)
         fired[idx.flatten()] = True
-        self.tokens_since_fired += batch
+        self._mark_fired(fired, batch)
+
+    @torch.no_grad()
+    def _mark_fired(self, fired: torch.Tensor, batch: int) -> None:
+        """Count `batch` tokens per rank; reset the latents that fired (on any rank: a MAX of the masks)."""
+        if self.ranks is not None:
+            fired = ddp.all_reduce_max_(fired.to(torch.uint8), self.ranks).bool()
+        self.tokens_since_fired += batch * self.world
         self.tokens_since_fired.masked_fill_(fired, 0)  # masked_fill: boolean indexing would sync on GPU
+
+    @torch.no_grad()
+    def _global_variance(self, residual: torch.Tensor) -> torch.Tensor:
+        """AuxK's denominator over the global batch: Σ‖r − mean‖²/B with the global mean (two all-reduces)."""
+        assert self.ranks is not None
+        total = self.world * residual.shape[0]
+        mean = ddp.all_reduce_sum_(residual.sum(dim=0, keepdim=True), self.ranks) / total
+        return ddp.all_reduce_sum_((residual - mean).pow(2).sum(), self.ranks) / total
 
     @torch.no_grad()
     def _track_threshold(self, acts: torch.Tensor) -> None:
@@ -233,7 +265,11 @@ class Trainer:
         # Mean over the tokens with a positive activation, without indexing by a data-dependent mask.
         finite = torch.isfinite(mins)
         count = finite.sum()
-        current = torch.where(finite, mins, torch.zeros_like(mins)).sum() / count.clamp_min(1)
+        total = torch.where(finite, mins, torch.zeros_like(mins)).sum()
+        if self.ranks is not None:  # the mean over the global batch's tokens
+            both = ddp.all_reduce_sum_(torch.stack([total, count.to(total.dtype)]), self.ranks)
+            total, count = both[0], both[1].round().long()
+        current = total / count.clamp_min(1)
         thr = self.sae.threshold
         beta = self.cfg.threshold_beta
         new = torch.where(thr < 0, current, beta * thr + (1 - beta) * current)
@@ -260,13 +296,28 @@ class Trainer:
     def _update_ema(self, acts: torch.Tensor, idx: torch.Tensor) -> None:
         """μ ← decay·μ + (1−decay)·mean_b f_b, before the mask (DESIGN §2)."""
         decay = self.cfg.orth_ema_decay
+        scale = (1 - decay) / (len(acts) * self.world)
+        if self.ranks is not None:  # the mean over the global batch: sum the ranks' contributions first
+            step = torch.zeros_like(self.ema_mean).index_add_(
+                0, idx.flatten(), acts.detach().flatten() * scale
+            )
+            self.ema_mean.mul_(decay).add_(ddp.all_reduce_sum_(step, self.ranks))
+            return
         self.ema_mean.mul_(decay)
-        self.ema_mean.index_add_(0, idx.flatten(), acts.detach().flatten() * ((1 - decay) / len(acts)))
+        self.ema_mean.index_add_(0, idx.flatten(), acts.detach().flatten() * scale)
 
     def _scale_orth(self, l_orth: torch.Tensor, recon: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        total = l_orth.detach()
+        if self.ranks is not None:
+            # L_orth is a sum over tokens, not a mean: the global value is the ranks' sum. Scaling this
+            # rank's share by the world size makes the mean over ranks (what gradient averaging and the
+            # logged metrics take) equal the global L_orth, and L_recon's global value is the ranks' mean.
+            both = ddp.all_reduce_sum_(torch.stack([total, recon.detach()]), self.ranks)
+            total, recon = both[0], both[1] / self.world
+            l_orth = l_orth * self.world
         with torch.no_grad():
-            first = (self.l_orth_init == 0) & (l_orth > 0)
-            self.l_orth_init.copy_(torch.where(first, l_orth.detach(), self.l_orth_init))
+            first = (self.l_orth_init == 0) & (total > 0)
+            self.l_orth_init.copy_(torch.where(first, total, self.l_orth_init))
         return l_orth, scaled_orthogonality(l_orth, recon, self.l_orth_init, self.cfg.orth_lambda)
 
     def lr(self) -> float:
