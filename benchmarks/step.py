@@ -3,6 +3,7 @@ dictionary_learning's TopKTrainer.update on the same activations.
 
     PYTHONPATH=src .venv/bin/python benchmarks/step.py                      # both shapes, all cases
     PYTHONPATH=src .venv/bin/python benchmarks/step.py --skip-slow          # seed shape: no masked_dense
+    PYTHONPATH=src .venv/bin/python benchmarks/step.py --rounds 3           # interleaved rounds, pooled
     PYTHONPATH=src .venv/bin/python benchmarks/step.py --equivalence --cache /tmp/bench-cache --steps 200
 
 Every case runs in its own subprocess (so its peak RSS, `ru_maxrss`, is its own): one warm-up step (step 0,
@@ -246,18 +247,34 @@ def bench(args: argparse.Namespace) -> None:
         shape = SHAPES[name]
         d, n, k, b = shape
         print(f"\n== {name}: d={d} n={n} k={k} B={b} (median of {args.repeats} steps after one warm-up)")
+        if args.rounds > 1:
+            print(f"   {args.rounds} interleaved rounds: each case's steps pooled over the rounds")
         results: dict[str, dict[str, Any]] = {}
-        for case in ("gemm", *OURS, "dl"):
-            if args.cases and case not in args.cases.split(","):
-                continue
-            slow = case == "orth_masked_dense" or (case == "orth_sparse" and name == "seed")
-            if slow and args.skip_slow and name == "seed":
-                results[case] = {"error": "skipped (--skip-slow)"}
-                continue
-            reps = args.slow_repeats if slow else args.repeats
-            results[case] = run_case(case, shape, reps, args.timeout)
-            _print_row(case, results[case], results)
+        for r in range(args.rounds):
+            for case in ("gemm", *OURS, "dl"):
+                if args.cases and case not in args.cases.split(","):
+                    continue
+                slow = case == "orth_masked_dense" or (case == "orth_sparse" and name == "seed")
+                if slow and args.skip_slow and name == "seed":
+                    results[case] = {"error": "skipped (--skip-slow)"}
+                    continue
+                reps = args.slow_repeats if slow else args.repeats
+                results[case] = _pool(results.get(case), run_case(case, shape, reps, args.timeout))
+                if r == args.rounds - 1:
+                    _print_row(case, results[case], results)
         _print_goals(results)
+
+
+def _pool(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """Merge one more round of a case: the median over every timed step so far, the largest peak."""
+    if old is None or "error" in old or "error" in new:
+        return new if old is None or "error" in new else old
+    times = old["times"] + new["times"]
+    return {
+        "median": statistics.median(times),
+        "times": times,
+        "peak_mib": max(old["peak_mib"], new["peak_mib"]),
+    }
 
 
 LABELS = {
@@ -353,6 +370,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="bundled,seed", help="comma list of: " + ", ".join(SHAPES))
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the case list this many times, interleaved, and pool the steps",
+    )
     p.add_argument("--cases", help="comma list of cases to run: gemm, dl, " + ", ".join(OURS))
     p.add_argument(
         "--slow-repeats", type=int, default=1, help="repeats for masked_dense (and sparse at seed)"

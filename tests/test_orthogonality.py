@@ -415,20 +415,25 @@ def test_auto_chunking_splits_when_over_budget(monkeypatch: pytest.MonkeyPatch) 
     assert auto_chunk_size(32, 512, 4, budget_bytes=1) == 1
     acts, idx, weight, ema = make_inputs(9, 12, 4, 5, seed=16)
     whole = orthogonality_penalty(acts, idx, weight, ema)
-    calls: list[int] = []
-    original = orthogonality._pairwise_chunk
+    calls: list[list[int]] = []
+    original = orthogonality.chunks
 
-    def counting(
-        a: torch.Tensor, chunk_idx: torch.Tensor, rows: torch.Tensor, strict_lower: torch.Tensor
-    ) -> torch.Tensor:
-        calls.append(a.shape[0])
-        return original(a, chunk_idx, rows, strict_lower)
+    def counting(batch: int, size: int) -> list[slice]:
+        out = original(batch, size)
+        calls.append([len(range(batch)[sl]) for sl in out])
+        return out
 
-    monkeypatch.setattr(orthogonality, "_pairwise_chunk", counting)
+    monkeypatch.setattr(orthogonality, "chunks", counting)
     monkeypatch.setattr(orthogonality, "CHUNK_BYTES", 2 * 4 * 5 * 4)  # two tokens' rows per chunk
     split = orthogonality_penalty(acts, idx, weight, ema)
-    assert calls == [2, 2, 2, 2, 1]
+    assert calls == [[2, 2, 2, 2, 1]]
     torch.testing.assert_close(split, whole, rtol=1e-6, atol=0.0)
+    # Gradients too: one accumulated (n, d) gradient across chunks equals the unchunked one.
+    w1, w2 = weight.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    orthogonality_penalty(acts.detach(), idx, w1, ema).backward()
+    monkeypatch.setattr(orthogonality, "CHUNK_BYTES", 1 << 30)
+    orthogonality_penalty(acts.detach(), idx, w2, ema).backward()
+    torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-5, atol=1e-7)
 
 
 def test_masked_activations() -> None:

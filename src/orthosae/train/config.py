@@ -97,9 +97,8 @@ class TrainConfig:
     """TopK: run the encoder GEMM (the step's one dense GEMM) in bfloat16; selection and kept values carry
     bf16 rounding, gradients and parameters stay fp32 (~2x faster GEMM on CPUs with AVX512-BF16)."""
     compile: bool = False
-    """TopK: torch.compile the step's forward, losses and penalty (the first step compiles, ~30 s; on CPU it
-    needs a C++ compiler). Measured on the 2-core CPU at d=576, n=4608: TopK+orth 1.3x faster, TopK alone
-    no faster."""
+    """TopK: torch.compile the step's forward, losses and penalty (the first steps compile, ~30 s; on CPU it
+    needs a C++ compiler). Off by default: on the 2-core CPU it made steps slower (benchmarks/step.py)."""
     max_skipped_batches: int = 0
     """Skip up to this many batches whose loss is NaN/inf before stopping (checking costs a host sync per
     step); 0 stops the run, without saving, at the first logging step that sees a non-finite loss."""
