@@ -497,10 +497,9 @@ def test_pairwise_custom_backward_gradcheck() -> None:
     rows_normed = torch.randn(7, 3, generator=gen, dtype=torch.float64, requires_grad=True)
     idx = torch.stack([torch.randperm(7, generator=gen)[:4] for _ in range(5)])
     idx[1] = idx[0]  # repeated ids across tokens: the scatter-add must sum them
-    lower = orthogonality.strict_lower_mask(4, torch.float64, acts.device)
 
     def gathered(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return orthogonality._pairwise_chunk(a, idx, w, lower)
+        return orthogonality._pairwise(a, idx, w, 2)  # 3 chunks accumulating one gradient
 
     def from_rows(a: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         return pairwise_penalty_from_rows(a, rows)

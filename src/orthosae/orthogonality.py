@@ -195,15 +195,6 @@ def chunks(batch: int, size: int) -> list[slice]:
     return [slice(start, start + size) for start in range(0, batch, size)]
 
 
-def _pairwise_chunk(
-    acts: torch.Tensor, idx: torch.Tensor, rows_normed: torch.Tensor, strict_lower: torch.Tensor
-) -> torch.Tensor:
-    """The penalty of one chunk of tokens, unchunked."""
-    return _PairwiseChunked.apply(
-        acts, idx, rows_normed, strict_lower, chunks(acts.shape[0], max(1, len(acts)))
-    )
-
-
 class _PairwiseChunked(torch.autograd.Function):
     """The pairwise penalty over token chunks in one Function, with a hand-written backward.
 

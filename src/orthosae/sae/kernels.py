@@ -118,10 +118,15 @@ def scatter_rows(indices: torch.Tensor, weights: torch.Tensor, rows: torch.Tenso
     crow = torch.zeros(n + 1, dtype=torch.long)
     torch.cumsum(torch.bincount(flat, minlength=n), 0, out=crow[1:])
     values = weights.reshape(-1)[order].to(rows.dtype)
-    with warnings.catch_warnings():  # torch flags sparse CSR as beta on every construction
+    return _csr(crow, order // m, values, (n, batch)) @ rows
+
+
+def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """A CSR tensor built without torch's per-construction "beta" warning or its invariant checks (the
+    callers' columns may repeat within a row, which the products used here sum)."""
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        st = torch.sparse_csr_tensor(crow, order // m, values, (n, batch), check_invariants=False)
-    return st @ rows
+        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
 
 
 class _SparseDecode(torch.autograd.Function):
@@ -141,13 +146,8 @@ class _SparseDecode(torch.autograd.Function):
         if need_acts:
             batch, m = indices.shape
             crow = torch.arange(0, batch * m + 1, m, device=indices.device)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                pattern = torch.sparse_csr_tensor(
-                    crow, indices.reshape(-1), acts.new_zeros(batch * m), (batch, W.shape[0]),
-                    check_invariants=False,
-                )  # fmt: skip
-                picked = torch.sparse.sampled_addmm(pattern, grad.contiguous(), W.T, beta=0.0)
+            pattern = _csr(crow, indices.reshape(-1), acts.new_zeros(batch * m), (batch, W.shape[0]))
+            picked = torch.sparse.sampled_addmm(pattern, grad.contiguous(), W.T, beta=0.0)
             grad_acts = picked.values().view(batch, m)
         if need_w:
             grad_w = scatter_rows(indices, acts, grad, W.shape[0])
