@@ -8,6 +8,8 @@ dictionary_learning's TopKTrainer.update on the same activations.
 
 Every case runs in its own subprocess (so its peak RSS, `ru_maxrss`, is its own): one warm-up step (step 0,
 which also sets b_dec to the geometric median), then `--repeats` timed steps; the median is reported.
+Every case runs with THP_MEM_ALLOC_ENABLE=1, the allocator setting orthosae applies on import (see
+orthosae.allocator); `--allocator default` runs them all without it.
 dictionary_learning runs from a separate venv, benchmarks/.venv-dl (created on first use: torch==2.13.0, then
 `pip install --no-deps dictionary-learning==0.1.0` and einops). Its package __init__ imports nnsight, so the
 worker imports only `dictionary_learning.trainers.top_k` (and what it imports) through stub parent packages.
@@ -33,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
+THP_VAR = "THP_MEM_ALLOC_ENABLE"  # orthosae.allocator's; not imported here, orthosae must not load first
 DL_VENV = HERE / ".venv-dl"
 DL_VERSION = "0.1.0"
 TORCH_PIN = "torch==2.13.0"
@@ -200,7 +203,9 @@ def ensure_dl_venv() -> Path:
     return python
 
 
-def run_case(case: str, shape: tuple[int, int, int, int], repeats: int, timeout: float) -> dict[str, Any]:
+def run_case(
+    case: str, shape: tuple[int, int, int, int], repeats: int, timeout: float, thp: bool = True
+) -> dict[str, Any]:
     python = str(ensure_dl_venv()) if case == "dl" else sys.executable
     args = [
         python,
@@ -212,7 +217,8 @@ def run_case(case: str, shape: tuple[int, int, int, int], repeats: int, timeout:
         "--repeats",
         str(repeats),
     ]
-    env = {**os.environ, "PYTHONPATH": str(HERE.parent / "src")}
+    # Every case, dictionary_learning's and the bare GEMM included, under the same allocator setting.
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent / "src"), THP_VAR: "1" if thp else "0"}
     try:
         done = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env, check=False)
     except subprocess.TimeoutExpired:
@@ -243,6 +249,7 @@ def machine() -> str:
 
 def bench(args: argparse.Namespace) -> None:
     print(machine())
+    print(f"allocator: {args.allocator} ({THP_VAR}={'1' if args.allocator == 'thp' else '0'} in every case)")
     for name in args.shapes.split(","):
         shape = SHAPES[name]
         d, n, k, b = shape
@@ -259,7 +266,8 @@ def bench(args: argparse.Namespace) -> None:
                     results[case] = {"error": "skipped (--skip-slow)"}
                     continue
                 reps = args.slow_repeats if slow else args.repeats
-                results[case] = _pool(results.get(case), run_case(case, shape, reps, args.timeout))
+                run = run_case(case, shape, reps, args.timeout, thp=args.allocator == "thp")
+                results[case] = _pool(results.get(case), run)
                 if r == args.rounds - 1:
                     _print_row(case, results[case], results)
         _print_goals(results)
@@ -379,6 +387,13 @@ def main() -> None:
     p.add_argument("--cases", help="comma list of cases to run: gemm, dl, " + ", ".join(OURS))
     p.add_argument(
         "--slow-repeats", type=int, default=1, help="repeats for masked_dense (and sparse at seed)"
+    )
+    p.add_argument(
+        "--allocator",
+        choices=("thp", "default"),
+        default="thp",
+        help="thp: torch's huge-page CPU allocations, as orthosae sets on import; default: glibc's mmap per "
+        "large tensor (page faults on every step)",
     )
     p.add_argument("--skip-slow", action="store_true", help="skip masked_dense and sparse at the seed shape")
     p.add_argument("--timeout", type=float, default=900, help="seconds per case")

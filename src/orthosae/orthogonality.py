@@ -62,9 +62,9 @@ def orthogonality_penalty(
     dtype = torch.promote_types(top_acts.dtype, weight.dtype)
     mask = entry_mask(top_acts, top_indices, ema_mean, threshold_ratio)
     acts = _apply_mask(top_acts, mask, coactivation).to(dtype)
-    rows_normed = normalize_rows(weight.to(dtype))
     if method == "pairwise":
-        return _pairwise(acts, top_indices, rows_normed, chunk_size)
+        return _pairwise(acts, top_indices, weight.to(dtype), chunk_size)
+    rows_normed = normalize_rows(weight.to(dtype))
     if method == "masked_dense":
         return _masked_dense(acts, mask, top_indices, rows_normed)
     return _sparse(acts, mask, top_indices, rows_normed)
@@ -180,14 +180,15 @@ def auto_chunk_size(k: int, d: int, element_size: int, budget_bytes: int | None 
 
 
 def _pairwise(
-    acts: torch.Tensor, top_indices: torch.Tensor, rows_normed: torch.Tensor, chunk_size: int | None
+    acts: torch.Tensor, top_indices: torch.Tensor, weight: torch.Tensor, chunk_size: int | None
 ) -> torch.Tensor:
+    """The pairwise method on the raw weight rows: normalisation is folded into each k x k Gram."""
     batch, k = acts.shape
-    d = rows_normed.shape[1]
+    d = weight.shape[1]
     if chunk_size is None:
-        chunk_size = auto_chunk_size(k, d, rows_normed.element_size())
-    strict_lower = strict_lower_mask(k, rows_normed.dtype, rows_normed.device)
-    return _PairwiseChunked.apply(acts, top_indices, rows_normed, strict_lower, chunks(batch, chunk_size))
+        chunk_size = auto_chunk_size(k, d, weight.element_size())
+    strict_lower = strict_lower_mask(k, weight.dtype, weight.device)
+    return _PairwiseChunked.apply(acts, top_indices, weight, strict_lower, chunks(batch, chunk_size))
 
 
 def chunks(batch: int, size: int) -> list[slice]:
@@ -195,30 +196,47 @@ def chunks(batch: int, size: int) -> list[slice]:
     return [slice(start, start + size) for start in range(0, batch, size)]
 
 
+def _gather_rows(weight: torch.Tensor, idx: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+    """weight[idx] (c, k, d) written into the front of a reused buffer: a fresh 64 MiB block per chunk costs
+    more in first-touch page faults than the gather itself (4x on CPU at the seed shape)."""
+    c, k = idx.shape
+    out = buffer[: c * k]
+    torch.index_select(weight, 0, idx.reshape(-1), out=out)
+    return out.view(c, k, -1)
+
+
 class _PairwiseChunked(torch.autograd.Function):
     """The pairwise penalty over token chunks in one Function, with a hand-written backward.
 
-    Forward gathers each chunk's rows R = rows_normed[idx] and keeps only its (chunk, k, k) Gram, k/d of the
-    gathered block, so memory stays bounded without checkpointing. Backward regathers each chunk's rows,
-    forms dL/dR = (dL/dG) R with one bmm and index-adds it into ONE (n, d) gradient. (One autograd node per
-    chunk would give each chunk its own dense (n, d) gradient for autograd to sum: 150 MB zeroed and added
-    per chunk at n=16384, d=2304.)"""
+    With R = weight[idx] the raw rows of a chunk and s = 1/max(‖w‖, eps) per row, the cosines are
+    G = (R Rᵀ) ⊙ s sᵀ, so no normalised copy of the (n, d) weight is made. Forward keeps only each chunk's
+    (chunk, k, k) cosines, k/d of its gathered block, so memory stays bounded without checkpointing.
+    Backward, with H = dL/dG (symmetrised), regathers R and index-adds (H ⊙ s sᵀ) R into ONE (n, d)
+    gradient, then adds the normalisation's term once per row: since dL/ds_p = Σ_q H_pq G_pq / s_p and
+    ds/dw = -s³ w (0 where the clamp is active), row i gets -s_i² w_i times the sum, over its occurrences,
+    of Σ_q H_pq G_pq.
+    """
 
     @staticmethod
     def forward(
         ctx: torch.autograd.function.FunctionCtx,
         acts: torch.Tensor,
         idx: torch.Tensor,
-        rows_normed: torch.Tensor,
+        weight: torch.Tensor,
         strict_lower: torch.Tensor,
         slices: list[slice],
     ) -> torch.Tensor:
+        norm = weight.norm(dim=1)
+        inv_norm = 1.0 / norm.clamp_min(NORM_EPS)
+        buffer = weight.new_empty(_block_rows(slices, idx), weight.shape[1])
         grams, total = [], acts.new_zeros(())
         for sl in slices:
-            rows = F.embedding(idx[sl], rows_normed)
-            grams.append(torch.bmm(rows, rows.transpose(1, 2)))
-            total = total + _pairwise_value(acts[sl], grams[-1], strict_lower)
-        ctx.save_for_backward(acts, idx, rows_normed, strict_lower, *grams)
+            rows = _gather_rows(weight, idx[sl], buffer)
+            s = inv_norm[idx[sl]]
+            gram = torch.bmm(rows, rows.transpose(1, 2)).mul_(s.unsqueeze(2) * s.unsqueeze(1))
+            grams.append(gram)
+            total = total + _pairwise_value(acts[sl], gram, strict_lower)
+        ctx.save_for_backward(acts, idx, weight, strict_lower, norm, inv_norm, *grams)
         ctx.slices = slices  # type: ignore[attr-defined]
         return total
 
@@ -226,19 +244,36 @@ class _PairwiseChunked(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor
     ) -> tuple[torch.Tensor | None, None, torch.Tensor | None, None, None]:
-        acts, idx, rows_normed, strict_lower, *grams = ctx.saved_tensors  # type: ignore[attr-defined]
-        need_acts, _, need_rows, _, _ = ctx.needs_input_grad  # type: ignore[attr-defined]
+        acts, idx, weight, strict_lower, norm, inv_norm, *grams = ctx.saved_tensors  # type: ignore[attr-defined]
+        need_acts, _, need_w, _, _ = ctx.needs_input_grad  # type: ignore[attr-defined]
+        slices: list[slice] = ctx.slices  # type: ignore[attr-defined]
         grad_acts = torch.zeros_like(acts) if need_acts else None
-        grad_rows_normed = torch.zeros_like(rows_normed) if need_rows else None
-        d = rows_normed.shape[1]
-        for sl, gram in zip(ctx.slices, grams, strict=True):  # type: ignore[attr-defined]
-            ga, grad_gram = _pairwise_grads(acts[sl], gram, strict_lower, grad_out, need_acts, need_rows)
+        grad_w = torch.zeros_like(weight, memory_format=torch.contiguous_format) if need_w else None
+        if grad_w is not None:
+            rows_buf = weight.new_empty(_block_rows(slices, idx), weight.shape[1])
+            grad_buf = torch.empty_like(rows_buf)
+            radial = weight.new_zeros(weight.shape[0])  # Σ_q H_pq G_pq summed per row
+        for sl, gram in zip(slices, grams, strict=True):
+            ga, h = _pairwise_grads(acts[sl], gram, strict_lower, grad_out, need_acts, need_w)
             if grad_acts is not None and ga is not None:
                 grad_acts[sl] = ga
-            if grad_rows_normed is not None and grad_gram is not None:
-                grad_rows = torch.bmm(grad_gram, F.embedding(idx[sl], rows_normed))
-                grad_rows_normed.index_add_(0, idx[sl].reshape(-1), grad_rows.reshape(-1, d))
-        return grad_acts, None, grad_rows_normed, None, None
+            if grad_w is not None and h is not None:
+                flat = idx[sl].reshape(-1)
+                radial.index_add_(0, flat, (h * gram).sum(2).reshape(-1))
+                s = inv_norm[idx[sl]]
+                rows = _gather_rows(weight, idx[sl], rows_buf)
+                grad_rows = grad_buf[: rows.shape[0] * rows.shape[1]].view_as(rows)
+                torch.bmm(h.mul_(s.unsqueeze(2) * s.unsqueeze(1)), rows, out=grad_rows)
+                grad_w.index_add_(0, flat, grad_rows.view(-1, rows.shape[2]))
+        if grad_w is not None:
+            coef = torch.where(norm > NORM_EPS, -inv_norm.square() * radial, torch.zeros_like(radial))
+            grad_w.addcmul_(weight, coef.unsqueeze(1))
+        return grad_acts, None, grad_w, None, None
+
+
+def _block_rows(slices: list[slice], idx: torch.Tensor) -> int:
+    """Rows in the largest chunk's gathered block (the first chunk is the largest)."""
+    return len(range(*slices[0].indices(idx.shape[0]))) * idx.shape[1] if slices else 0
 
 
 def _run_chunk(

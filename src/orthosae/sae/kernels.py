@@ -93,9 +93,10 @@ class _GatherPreActs(torch.autograd.Function):
             xc = x - b_dec
             if ctx.dense:
                 # scatter_add: AuxK's padding picks may repeat a top-k index (with gradient 0).
-                grad_w = xc.T @ g.new_zeros(g.shape[0], n).scatter_add_(1, indices, g)
+                scattered = g.new_zeros(g.shape[0], n).scatter_add_(1, indices, g)
+                grad_w = (scattered.T @ xc).T  # feature-major, W_enc's layout (see SAE)
             else:
-                grad_w = scatter_rows(indices, g, xc, n).T
+                grad_w = scatter_rows(indices, g, xc, n).T  # feature-major, W_enc's layout (see SAE)
         if need_bd:
             # Σ_b Σ_p g_bp W_enc[:, idx_bp] = W_enc · (the per-latent sums already in grad_be).
             grad_bd = -(W_enc @ grad_be)

@@ -210,14 +210,21 @@ def all_gather_rows(x: torch.Tensor, ranks: Ranks) -> torch.Tensor:
 def average_gradients_(params: Sequence[torch.nn.Parameter], ranks: Ranks) -> None:
     """Mean of every rank's gradients, through one flattened all-reduce. Each rank's loss is a mean over
     its equal share of the global batch, so this mean is the gradient of the global batch's loss."""
+    # Each gradient travels in its parameter's memory order and comes back with its parameter's layout
+    # (W_enc is stored transposed): fused Adam walks parameter, gradient and moments as flat memory.
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    flat = torch.cat([(g.T if _transposed(p) else g).reshape(-1) for p, g in zip(params, grads, strict=True)])
     all_reduce_mean_(flat, ranks, "averaging gradients")
     offset = 0
     for p in params:
-        n = p.numel()
-        p.grad = flat[offset : offset + n].view_as(p)
-        offset += n
+        part = flat[offset : offset + p.numel()]
+        p.grad = part.view(p.T.shape).T if _transposed(p) else part.view_as(p)
+        offset += p.numel()
+
+
+def _transposed(p: torch.Tensor) -> bool:
+    """A 2-D tensor whose memory is its transpose's row-major block."""
+    return p.dim() == 2 and p.stride() == (1, p.shape[0])
 
 
 def any_rank(flag: bool, ranks: Ranks, what: str) -> bool:

@@ -62,6 +62,23 @@ def adam(params: list[torch.nn.Parameter], lr: float) -> torch.optim.Adam:
         return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
 
 
+def match_layouts_(opt: torch.optim.Optimizer) -> None:
+    """Give every gradient and Adam moment its parameter's memory layout (W_enc is stored transposed).
+
+    The fused Adam kernel walks parameter, gradient and moments as flat memory, so a mismatch would pair
+    wrong elements without any error. Autograd and our kernels already produce matching gradients and this
+    is a metadata check then; checkpoints store the moments row-major, and those are copied here."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if p.grad is not None and p.grad.stride() != p.stride():
+                p.grad = torch.empty_like(p).copy_(p.grad)
+            state = opt.state.get(p, {})
+            for key, value in state.items():
+                moment = isinstance(value, torch.Tensor) and value.shape == p.shape
+                if moment and value.stride() != p.stride():
+                    state[key] = torch.empty_like(p).copy_(value)
+
+
 class Trainer:
     """With `ranks` (a data-parallel run), `step` takes this rank's equal share of the global batch and
     every rank ends the step with the same parameters and statistics as one process given the whole batch.
@@ -115,6 +132,7 @@ class Trainer:
             sae.remove_parallel_grad_()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
+        match_layouts_(self.opt)
         self.opt.step()
         self.sched.step()
         if self.is_topk:
@@ -345,6 +363,7 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sae.load_state_dict(state["sae"])
         self.opt.load_state_dict(state["optimizer"])
+        match_layouts_(self.opt)  # checkpoints store the moments row-major
         self.sched.load_state_dict(state["scheduler"])
         self.tokens_since_fired.copy_(state["tokens_since_fired"])
         self.ema_mean.copy_(state["ema_mean"])
