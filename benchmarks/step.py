@@ -8,8 +8,9 @@ dictionary_learning's TopKTrainer.update on the same activations.
 
 Every case runs in its own subprocess (so its peak RSS, `ru_maxrss`, is its own): one warm-up step (step 0,
 which also sets b_dec to the geometric median), then `--repeats` timed steps; the median is reported.
-Every case runs with THP_MEM_ALLOC_ENABLE=1, the allocator setting orthosae applies on import (see
-orthosae.allocator); `--allocator default` runs them all without it.
+Every case runs with the allocator setting orthosae's trainer applies on CPU (freed memory kept, see
+orthosae.allocator), the bare GEMM and dictionary_learning included; `--allocator system` runs them all
+with glibc's default.
 dictionary_learning runs from a separate venv, benchmarks/.venv-dl (created on first use: torch==2.13.0, then
 `pip install --no-deps dictionary-learning==0.1.0` and einops). Its package __init__ imports nnsight, so the
 worker imports only `dictionary_learning.trainers.top_k` (and what it imports) through stub parent packages.
@@ -35,7 +36,9 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-THP_VAR = "THP_MEM_ALLOC_ENABLE"  # orthosae.allocator's; not imported here, orthosae must not load first
+sys.path.insert(0, str(HERE.parent / "src"))
+from orthosae.allocator import ENV as REUSE_ENV  # noqa: E402  (no torch import: stdlib only)
+
 DL_VENV = HERE / ".venv-dl"
 DL_VERSION = "0.1.0"
 TORCH_PIN = "torch==2.13.0"
@@ -123,7 +126,7 @@ def _dl_trainer(d: int, n: int, k: int, steps: int = 10**6, warmup: int = 1000) 
     )  # fmt: skip
 
 
-def worker(case: str, d: int, n: int, k: int, b: int, repeats: int) -> dict[str, Any]:
+def worker(case: str, d: int, n: int, k: int, b: int, repeats: int, allocator: str) -> dict[str, Any]:
     import torch
 
     x = _inputs(d, b)
@@ -141,7 +144,7 @@ def worker(case: str, d: int, n: int, k: int, b: int, repeats: int) -> dict[str,
             tr.update(i, x)
 
     else:
-        trainer = _ours_trainer(case, d, n, k, b)
+        trainer = _ours_trainer(case, d, n, k, b, cpu_allocator=allocator)
         if case.endswith("_compile"):
             for _ in range(2):  # compile, then the one recompile once the step counters turn dynamic
                 trainer.step(x)
@@ -204,7 +207,7 @@ def ensure_dl_venv() -> Path:
 
 
 def run_case(
-    case: str, shape: tuple[int, int, int, int], repeats: int, timeout: float, thp: bool = True
+    case: str, shape: tuple[int, int, int, int], repeats: int, timeout: float, reuse: bool = True
 ) -> dict[str, Any]:
     python = str(ensure_dl_venv()) if case == "dl" else sys.executable
     args = [
@@ -216,9 +219,11 @@ def run_case(
         ",".join(map(str, shape)),
         "--repeats",
         str(repeats),
+        "--allocator",
+        "reuse" if reuse else "system",
     ]
     # Every case, dictionary_learning's and the bare GEMM included, under the same allocator setting.
-    env = {**os.environ, "PYTHONPATH": str(HERE.parent / "src"), THP_VAR: "1" if thp else "0"}
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent / "src"), **(REUSE_ENV if reuse else {})}
     try:
         done = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env, check=False)
     except subprocess.TimeoutExpired:
@@ -249,7 +254,7 @@ def machine() -> str:
 
 def bench(args: argparse.Namespace) -> None:
     print(machine())
-    print(f"allocator: {args.allocator} ({THP_VAR}={'1' if args.allocator == 'thp' else '0'} in every case)")
+    print(f"allocator: {args.allocator} (the same in every case)")
     for name in args.shapes.split(","):
         shape = SHAPES[name]
         d, n, k, b = shape
@@ -266,7 +271,7 @@ def bench(args: argparse.Namespace) -> None:
                     results[case] = {"error": "skipped (--skip-slow)"}
                     continue
                 reps = args.slow_repeats if slow else args.repeats
-                run = run_case(case, shape, reps, args.timeout, thp=args.allocator == "thp")
+                run = run_case(case, shape, reps, args.timeout, reuse=args.allocator == "reuse")
                 results[case] = _pool(results.get(case), run)
                 if r == args.rounds - 1:
                     _print_row(case, results[case], results)
@@ -390,10 +395,10 @@ def main() -> None:
     )
     p.add_argument(
         "--allocator",
-        choices=("thp", "default"),
-        default="thp",
-        help="thp: torch's huge-page CPU allocations, as orthosae sets on import; default: glibc's mmap per "
-        "large tensor (page faults on every step)",
+        choices=("reuse", "system"),
+        default="reuse",
+        help="reuse: glibc keeps freed memory (TrainConfig.cpu_allocator's default, see orthosae.allocator); "
+        "system: glibc's default, an mmap per large tensor (page faults on every step)",
     )
     p.add_argument("--skip-slow", action="store_true", help="skip masked_dense and sparse at the seed shape")
     p.add_argument("--timeout", type=float, default=900, help="seconds per case")
@@ -411,7 +416,7 @@ def main() -> None:
     args = p.parse_args()
     if args.worker:
         d, n, k, b = map(int, args.shape.split(","))
-        print(json.dumps(worker(args.worker, d, n, k, b, args.repeats)))
+        print(json.dumps(worker(args.worker, d, n, k, b, args.repeats, args.allocator)))
     elif args.eq_worker:
         print(json.dumps(equivalence_worker(args.eq_worker, args.data, args.init, args.steps, args.k)))
     elif args.equivalence:

@@ -210,7 +210,7 @@ def test_checkpoint_holds_everything(acts: Path, tmp_path: Path, monkeypatch):
         "step",
     }
     assert t["step"] == 7 and float(t["l_orth_init"]) > 0
-    assert t["optimizer"]["state"][0]["exp_avg"].shape == (24, 64)
+    assert t["optimizer"]["state"][0]["exp_avg"].shape == (64, 24)  # W_enc's memory-order view
     assert ckpt.means[1] == 3  # steps 5..7 since the log line at step 4
     assert all(isinstance(v, torch.Tensor) for v in ckpt.means[0].values())
 

@@ -265,29 +265,56 @@ def test_compiled_step_matches_eager():
 
 @pytest.mark.parametrize("kernel", ["sparse", "dense"])
 def test_gradients_and_moments_keep_each_parameters_layout(kernel: str):
-    # W_enc is stored transposed; its gradient must come out in that layout (else autograd copies it)
-    # and the fused Adam must see matching layouts, also after a resume from row-major checkpoint moments.
+    # W_enc is stored transposed; its gradient must come out in that layout (else autograd copies it), Adam
+    # updates its row-major view (else fused Adam copies it) and every moment matches what Adam updates.
     tr = Trainer(_cfg(kernel=kernel, orth=True), d_in=8)
     assert tr.sae.W_enc.stride() == (1, 8)
     x = torch.randn(16, 8, generator=torch.Generator().manual_seed(3))
+    before = tr.sae.W_enc.detach().clone()
     tr.step(x)
-    grads_before = {name: p.grad for name, p in tr.sae.named_parameters()}
     tr.step(x)
+    assert not torch.equal(tr.sae.W_enc, before)  # the view's update reached W_enc
     for name, p in tr.sae.named_parameters():
         assert p.grad is not None and p.grad.stride() == p.stride(), name
-        assert p.grad is not grads_before[name]
-        for value in tr.opt.state[p].values():
-            assert value.shape != p.shape or value.stride() == p.stride(), name
-    state = tr.state_dict()
-    for value in state["optimizer"]["state"].values():  # what a checkpoint file gives back
-        for key in ("exp_avg", "exp_avg_sq"):
-            value[key] = value[key].contiguous()
-    resumed = Trainer(_cfg(kernel=kernel, orth=True), d_in=8)
-    resumed.load_state_dict(state)
+    for view, p in tr.optimized:
+        assert view.is_contiguous() and view.data_ptr() == p.data_ptr()
+        for value in tr.opt.state[view].values():
+            assert value.shape != view.shape or value.stride() == view.stride()
+
+
+def test_encoder_keeps_training_after_the_module_is_cast():
+    tr = Trainer(_cfg(), d_in=8)
+    tr.sae.double()  # replaces every parameter's storage
+    tr.ema_mean, tr.l_orth_init = tr.ema_mean.double(), tr.l_orth_init.double()
+    x = torch.randn(16, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     tr.step(x)
-    resumed.step(x)
-    for (name, a), b in zip(tr.sae.named_parameters(), resumed.sae.parameters(), strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    before = tr.sae.W_enc.detach().clone()
+    tr.step(x)
+    assert not torch.equal(tr.sae.W_enc, before)
+
+
+def test_resume_from_a_checkpoint_written_before_the_feature_major_encoder():
+    # Such a state has no "moments" marker and W_enc's Adam moments in (d_in, d_sae) shape.
+    gen = torch.Generator().manual_seed(4)
+    xs = [torch.randn(16, 8, generator=gen) for _ in range(4)]
+    cfg = _cfg(orth=True, d_sae=8)  # square W_enc: only the marker can tell the layouts apart
+    a = Trainer(cfg, 8)
+    for x in xs[:2]:
+        a.step(x)
+    state = a.state_dict()
+    del state["moments"]
+    for index, (view, p) in enumerate(a.optimized):
+        if view is not p:
+            moments = state["optimizer"]["state"][index]
+            for key in ("exp_avg", "exp_avg_sq"):
+                moments[key] = moments[key].T.contiguous()
+    b = Trainer(cfg, 8)
+    b.load_state_dict(state)
+    for x in xs[2:]:
+        a.step(x)
+        b.step(x)
+    for (name, pa), pb in zip(a.sae.named_parameters(), b.sae.parameters(), strict=True):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=0, msg=name)
 
 
 def test_match_layouts_makes_fused_adam_pair_the_right_elements():

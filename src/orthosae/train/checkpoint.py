@@ -55,6 +55,7 @@ RESUMABLE = frozenset(
         "max_skipped_batches",
         "device",
         "dist_timeout",
+        "cpu_allocator",
         "out",
         "overwrite",
     }
