@@ -98,7 +98,8 @@ class TrainConfig:
     bf16 rounding, gradients and parameters stay fp32 (~2x faster GEMM on CPUs with AVX512-BF16)."""
     compile: bool = False
     """TopK: torch.compile the step's forward, losses and penalty (the first steps compile, ~30 s; on CPU it
-    needs a C++ compiler). Measured on the 2-core CPU: TopK+orth steps 12-13% faster, TopK alone no faster."""
+    needs a C++ compiler). Measured on the 2-core CPU: no faster (TopK 0.98-1.11x, TopK+orth 1.07-1.14x the
+    eager step's time), so off by default."""
     cpu_allocator: Literal["reuse", "system"] = "reuse"
     """On CPU: 'reuse' keeps freed memory in the process (glibc: no mmap, no trimming), so each step's large
     tensors land on warm pages instead of being page-faulted in again: 10-15% faster steps at the seed shape
