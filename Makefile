@@ -39,6 +39,7 @@ run: setup
 lint: setup
 	.venv/bin/ruff check src tests benchmarks
 	.venv/bin/ruff format --check src tests benchmarks
+	.venv/bin/basedpyright --level error src
 
 clean-venv:
 	rm -rf .venv

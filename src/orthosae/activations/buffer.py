@@ -186,8 +186,9 @@ class ShuffleBuffer(Iterator[torch.Tensor]):
         gen = torch.Generator().manual_seed(_rng_seed(self.seed, 2, self.epoch, self.window_index))
         dest = torch.randperm(len(data), generator=gen).numpy()
         if self.by_row:  # the same permutation, applied to addresses instead of activations
-            self._where = np.empty_like(data)
-            self._where[dest] = data
+            where = np.empty_like(data)
+            where[dest] = data
+            self._where = where
         else:
             # Permute the whole window once with a scatter (several GB/s); batches are then contiguous slices.
             shuffled = np.empty((len(data), data.shape[1]), dtype=np.float32)

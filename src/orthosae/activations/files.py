@@ -27,12 +27,13 @@ def load_array(path: str | Path) -> np.ndarray | torch.Tensor:
     suffix = path.suffix.lower()
     if suffix == ".npy":
         try:
-            arr: np.ndarray | torch.Tensor = np.load(path, mmap_mode="r", allow_pickle=False)
+            npy: np.ndarray = np.load(path, mmap_mode="r", allow_pickle=False)
         except (ValueError, OSError, EOFError) as e:
             raise UserError(
                 f"{path} is not a readable .npy array ({e}); re-export it with numpy.save"
             ) from None
-        kind = arr.dtype.kind
+        kind = npy.dtype.kind
+        arr: np.ndarray | torch.Tensor = npy
     elif suffix == ".safetensors":
         arr = _load_safetensors(path)
         kind = "f" if arr.dtype.is_floating_point else "i"

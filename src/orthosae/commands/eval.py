@@ -80,7 +80,7 @@ def _synthetic(opts: EvalOptions) -> int:
 def _compare(runs: list[str]) -> int:
     from orthosae.eval.compare import compare, format_rows
 
-    rows, labels = compare(runs)
+    rows, labels = compare(list[str | Path](runs))
     print(format_rows(rows, labels))
     return 0
 

@@ -87,7 +87,7 @@ def _jsonl(path: Path, field: str) -> Iterator[str]:
 
 def _parquet(path: Path, field: str) -> Iterator[str]:
     try:
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # pyright: ignore[reportMissingImports]  (optional dependency)
     except ImportError:
         raise UserError(
             "reading .parquet corpora needs pyarrow: `pip install pyarrow`, or convert to .jsonl"
@@ -103,7 +103,7 @@ def _parquet(path: Path, field: str) -> Iterator[str]:
 
 def _hf_dataset(name: str, field: str) -> Iterator[str]:
     try:
-        import datasets
+        import datasets  # pyright: ignore[reportMissingImports]  (optional dependency)
     except ImportError:
         raise UserError(
             f"corpus {name!r} is not a local file, and Hugging Face datasets need the `datasets` "

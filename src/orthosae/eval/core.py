@@ -260,6 +260,7 @@ def evaluate(ctx: EvalContext, cfg: Config) -> dict[str, Any]:
                 break
             tokens, keep = batch.tokens.to(device), batch.mask.to(device)
             splice_mask = keep if cfg.exclude_special_tokens_from_reconstruction else torch.ones_like(keep)
+            hidden = None
             if i < n_recon:
                 out = run_spliced(loaded.model, ctx.layer, tokens, splice_mask, sae.reconstruct)
                 _accumulate_losses(losses, out, tokens, keep, cfg)
@@ -268,6 +269,7 @@ def evaluate(ctx: EvalContext, cfg: Config) -> dict[str, Any]:
             elif i < n_sparse:
                 hidden = resid_post(loaded.model, tokens, ctx.layer)
             if i < n_sparse:
+                assert hidden is not None
                 x = hidden[keep].float()
                 x_hat, acts, idx = encode_sparse(sae, x)
                 recon.update(x, x_hat)

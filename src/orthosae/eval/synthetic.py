@@ -196,7 +196,8 @@ def train_sae(toy: ToyModel, cfg: Config, seed: int, orth_lambda: float | None) 
 
 
 def variants(cfg: Config) -> list[tuple[str, float | None]]:
-    return [("topk", None)] + [(f"topk+orth λ={lam:g}", lam) for lam in cfg.lambdas()]
+    out: list[tuple[str, float | None]] = [("topk", None)]
+    return out + [(f"topk+orth λ={lam:g}", lam) for lam in cfg.lambdas()]
 
 
 @contextmanager

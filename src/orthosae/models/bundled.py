@@ -80,9 +80,9 @@ def _convert(src: Path, target: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
         # The weights are now plain fp32; a leftover quantization_config would make loaders expect GGUF.
         if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.hf_quantizer = None
-        model.is_quantized = False
+            del model.config.quantization_config  # pyright: ignore[reportAttributeAccessIssue]
+        model.hf_quantizer = None  # pyright: ignore[reportAttributeAccessIssue, reportArgumentType]
+        model.is_quantized = False  # pyright: ignore[reportAttributeAccessIssue, reportArgumentType]
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         write_json(tmp / "orthosae-converted.json", {"source": str(src), "revision": revision()})

@@ -79,7 +79,7 @@ def load_model(name: str, *, dtype: torch.dtype | str = torch.float32, device: s
                 f"({type(exc).__name__})"
             ) from None
         raise UserError(f"cannot load model from {source}: {str(exc).splitlines()[0]}") from None
-    model.to(device).eval()
+    model.to(device).eval()  # pyright: ignore[reportCallIssue, reportArgumentType]  (transformers' stubs)
     model.requires_grad_(False)
     if not rev:
         rev = str(getattr(model.config, "_commit_hash", None) or "unknown")

@@ -209,7 +209,8 @@ def compute_features(
     stats = {name: _Stats(sae, opts) for name, (sae, _) in saes.items()}
     n_seen = _stream(cache, stats, opts, progress)
     decoder = _TokenDecoder(loaded.tokenizer)
-    w_u = loaded.model.get_output_embeddings().weight.detach().float()
+    unembed = loaded.model.get_output_embeddings()  # pyright: ignore[reportCallIssue]  (a transformers model)
+    w_u = unembed.weight.detach().float()
     out_saes = {}
     for name, st in stats.items():
         out_saes[name] = _summarise(name, st, n_seen, cache, decoder, w_u, opts)

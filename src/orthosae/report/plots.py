@@ -46,7 +46,7 @@ def training_curves(exp: Experiment, baseline: str) -> Figure | None:
 
     def series(n: str, key: str) -> list[tuple[float, float]]:
         pts = [(r.get("step"), finite(r.get(key))) for r in exp.saes[n].metrics]
-        pts = [(s, v) for s, v in pts if isinstance(s, int | float) and v is not None]
+        pts = [(float(s), v) for s, v in pts if isinstance(s, int | float) and v is not None]
         # A loss term that is 0 throughout does not apply to this SAE (l1 for TopK, orth without --orth).
         return pts if key in STAT_KEYS or any(v != 0 for _, v in pts) else []
 

@@ -75,7 +75,12 @@ def save_sae(sae: SAE, directory: str | Path, extra_cfg: dict[str, Any] | None =
 
 
 def _expected_tensors(sae: SAE) -> dict[str, torch.Tensor]:
-    out = {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
+    out: dict[str, torch.Tensor] = {
+        "W_enc": sae.W_enc,
+        "b_enc": sae.b_enc,
+        "W_dec": sae.W_dec,
+        "b_dec": sae.b_dec,
+    }
     if isinstance(sae, TopKSAE):
         out["threshold"] = sae.threshold
     return out

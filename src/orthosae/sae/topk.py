@@ -16,6 +16,7 @@ def sparse_decode(top_acts: torch.Tensor, top_indices: torch.Tensor, W_dec: torc
 
 class TopKSAE(SAE):
     arch = "topk"
+    threshold: torch.Tensor  # a registered buffer (typed here for checkers: nn.Module's getattr is loose)
 
     def __init__(
         self,

@@ -66,7 +66,8 @@ def _cache_stream(
     with _damaged_state(path):
         buffer_state = _buffer_state(inner, path)
         src = from_cache(path, batch_size=cfg.batch_size, seed=cfg.seed, state=buffer_state, part=part)
-    ident = {"n_tokens": src.batches.source.cache.n_tokens, "d_model": src.d_model}
+    cache = src.batches.source.cache  # pyright: ignore[reportAttributeAccessIssue]  (a cache's source)
+    ident = {"n_tokens": cache.n_tokens, "d_model": src.d_model}
     for key, value in ident.items():
         if inner is not None and inner.get(key) != value:
             raise UserError(

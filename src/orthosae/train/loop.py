@@ -131,7 +131,7 @@ def restore(ckpt: Checkpoint, trainer: Trainer, means: RunningMeans) -> tuple[in
 
 
 def write_row(
-    log: MetricsLog, bar: Any, row: dict[str, float], trainer: Trainer, **extra: Any
+    log: MetricsLog | NoLog, bar: Any, row: dict[str, float], trainer: Trainer, **extra: Any
 ) -> dict[str, float]:
     if not math.isfinite(row["loss"]):
         raise UserError(
