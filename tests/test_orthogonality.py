@@ -641,3 +641,24 @@ def test_bad_input_raises_user_error(change: dict[str, object], expected: str) -
 def test_exported_names() -> None:
     assert METHODS == ("pairwise", "masked_dense", "sparse")
     assert COACTIVATIONS == ("product", "binary")
+
+
+def test_pairwise_forms_no_gradients_outside_grad_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The pairwise forward computes its gradients eagerly; under no_grad (evaluation) it must not.
+    gen = torch.Generator().manual_seed(3)
+    acts = torch.rand(6, 3, generator=gen, requires_grad=True)
+    weight = torch.randn(10, 4, generator=gen, requires_grad=True)
+    idx = torch.stack([torch.randperm(10, generator=gen)[:3] for _ in range(6)])
+    ema = torch.zeros(10)
+    expected = orthogonality_penalty(acts, idx, weight, ema)
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("gradients formed under no_grad")
+
+    monkeypatch.setattr(orthogonality, "_pairwise_grads", refuse)
+    with torch.no_grad():
+        value = orthogonality_penalty(acts, idx, weight, ema)
+    assert value.grad_fn is None
+    torch.testing.assert_close(value, expected.detach())
+    with pytest.raises(AssertionError, match="no_grad"):  # and with grad mode on they are formed
+        orthogonality_penalty(acts, idx, weight, ema)

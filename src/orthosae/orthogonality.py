@@ -246,6 +246,8 @@ class _PairwiseChunked(torch.autograd.Function):
             scale = s.unsqueeze(2) * s.unsqueeze(1)
             gram = torch.bmm(rows, rows.transpose(1, 2)).mul_(scale)
             total = total + _pairwise_value(acts[sl], gram, strict_lower)
+            if not (need_acts or need_w):
+                continue
             ga, h = _pairwise_grads(acts[sl], gram, strict_lower, one, need_acts, need_w)
             if grad_acts is not None and ga is not None:
                 grad_acts[sl] = ga
