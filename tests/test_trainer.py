@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from orthosae.errors import UserError
+from orthosae.sae.base import stored_transposed
 from orthosae.sae.init import geometric_median
 from orthosae.synthetic import make_toy_model, max_cosines, sample_activations
 from orthosae.train.config import TrainConfig
@@ -269,6 +270,7 @@ def test_gradients_and_moments_keep_each_parameters_layout(kernel: str):
     # updates its row-major view (else fused Adam copies it) and every moment matches what Adam updates.
     tr = Trainer(_cfg(kernel=kernel, orth=True), d_in=8)
     assert tr.sae.W_enc.stride() == (1, 8)
+    assert stored_transposed(tr.sae.W_enc) and not stored_transposed(tr.sae.W_dec)
     x = torch.randn(16, 8, generator=torch.Generator().manual_seed(3))
     before = tr.sae.W_enc.detach().clone()
     tr.step(x)

@@ -8,6 +8,11 @@ import torch
 from torch import nn
 
 
+def stored_transposed(t: torch.Tensor) -> bool:
+    """A 2-D tensor whose memory is its transpose's row-major block: how SAE stores W_enc."""
+    return t.dim() == 2 and not t.is_contiguous() and t.T.is_contiguous()
+
+
 @dataclass
 class SAEOutput:
     """One forward pass. `top_acts`/`top_indices` are (B, k) for TopK; for ReLU they are None."""

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from orthosae.errors import UserError
+from orthosae.sae.base import stored_transposed
 
 EXIT_CODE = 1  # a failed peer is not bad input (2); torchrun reports the first failing rank
 
@@ -213,18 +214,15 @@ def average_gradients_(params: Sequence[torch.nn.Parameter], ranks: Ranks) -> No
     # Each gradient travels in its parameter's memory order and comes back with its parameter's layout
     # (W_enc is stored transposed): fused Adam walks parameter, gradient and moments as flat memory.
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([(g.T if _transposed(p) else g).reshape(-1) for p, g in zip(params, grads, strict=True)])
+    flat = torch.cat(
+        [(g.T if stored_transposed(p) else g).reshape(-1) for p, g in zip(params, grads, strict=True)]
+    )
     all_reduce_mean_(flat, ranks, "averaging gradients")
     offset = 0
     for p in params:
         part = flat[offset : offset + p.numel()]
-        p.grad = part.view(p.T.shape).T if _transposed(p) else part.view_as(p)
+        p.grad = part.view(p.T.shape).T if stored_transposed(p) else part.view_as(p)
         offset += p.numel()
-
-
-def _transposed(p: torch.Tensor) -> bool:
-    """A 2-D tensor whose memory is its transpose's row-major block."""
-    return p.dim() == 2 and p.stride() == (1, p.shape[0])
 
 
 def any_rank(flag: bool, ranks: Ranks, what: str) -> bool:

@@ -18,6 +18,7 @@ from orthosae.errors import UserError
 from orthosae.losses import auxk_loss_from_acts, l1_penalty, reconstruction_loss, scaled_orthogonality
 from orthosae.orthogonality import masked_activations, orthogonality_penalty
 from orthosae.sae import SAE, ReLUSAE, TopKSAE
+from orthosae.sae.base import stored_transposed
 from orthosae.sae.init import geometric_median
 from orthosae.sae.kernels import (
     auxk_indices,
@@ -72,7 +73,7 @@ def optimizer_views(sae: torch.nn.Module) -> list[tuple[torch.nn.Parameter, torc
     elementwise, so updating the memory-order view is the same update."""
     pairs = []
     for p in sae.parameters():
-        if p.dim() == 2 and not p.is_contiguous() and p.T.is_contiguous():
+        if stored_transposed(p):
             pairs.append((torch.nn.Parameter(p.detach().T, requires_grad=p.requires_grad), p))
         else:
             pairs.append((p, p))
@@ -165,12 +166,7 @@ class Trainer:
             sae.remove_parallel_grad_()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
-        for view, param in self.optimized:
-            if view is not param:
-                if view.data_ptr() != param.data_ptr() or view.dtype != param.dtype:
-                    view.data = param.detach().T  # the module was moved or cast (sae.double(), .to())
-                view.grad = None if param.grad is None else param.grad.T
-        match_layouts_(self.opt)
+        self._grads_to_optimizer()
         self.opt.step()
         self.sched.step()
         if self.is_topk:
@@ -179,6 +175,16 @@ class Trainer:
         terms["loss"] = loss
         terms["skipped"] = torch.zeros((), device=loss.device)
         return {name: t.detach() for name, t in terms.items()}
+
+    def _grads_to_optimizer(self) -> None:
+        """Hand W_enc's gradient to the row-major view Adam updates (see optimizer_views), then check that
+        every gradient and moment has its parameter's layout."""
+        for view, param in self.optimized:
+            if view is not param:
+                if view.data_ptr() != param.data_ptr() or view.dtype != param.dtype:
+                    view.data = param.detach().T  # the module was moved or cast (sae.double(), .to())
+                view.grad = None if param.grad is None else param.grad.T
+        match_layouts_(self.opt)
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
         """Whether the loss is finite on every rank (all must skip the same batches)."""
