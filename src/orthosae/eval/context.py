@@ -22,6 +22,9 @@ class EvalContext:
     seed: int = 42
     progress: bool = True
     _model: LoadedModel | None = field(default=None, repr=False)
+    shared: dict[str, Any] = field(default_factory=dict, repr=False)
+    """SAE-independent results (LM activations, LM probes, baseline answers) keyed by what they depend on:
+    one dict handed to every SAE's context in an experiment, so that work is done once per model/layer."""
 
     @classmethod
     def from_run(
@@ -34,6 +37,7 @@ class EvalContext:
         seed: int = 42,
         progress: bool = True,
         model: LoadedModel | None = None,
+        shared: dict[str, Any] | None = None,
     ) -> EvalContext:
         """Load the SAE in `run_dir`; the model and layer default to the ones recorded in its cfg.json."""
         sae, cfg = load_sae(run_dir, device=device)
@@ -44,7 +48,17 @@ class EvalContext:
                 f"{run_dir}: cfg.json records no model/layer (trained from a plain array?); "
                 "pass --model and --layer"
             )
-        return cls(sae, cfg, str(name), int(hook_layer), Path(run_dir), device, seed, progress, model)
+        return cls(
+            sae, cfg, str(name), int(hook_layer), Path(run_dir), device, seed, progress, model, shared or {}
+        )
+
+    def memo(self, key: tuple[Any, ...], compute: Any) -> Any:
+        """`compute()` once per key across every context sharing `shared` (keys must include everything
+        the value depends on besides the SAE: eval name, layer, model, config fields, seed)."""
+        full = (self.model_name, self.layer, self.seed, *key)
+        if full not in self.shared:
+            self.shared[full] = compute()
+        return self.shared[full]
 
     @property
     def model(self) -> LoadedModel:

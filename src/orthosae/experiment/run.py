@@ -150,6 +150,7 @@ def _evaluate(exp: Experiment) -> None:
 
     c = exp.cfg
     model = None  # loaded once, shared by every SAE's evaluations
+    shared: dict[str, Any] = {}  # and so are the SAE-independent parts of the evals (LM probes, acts)
     for sae_name, cfg in exp.saes.items():
         target = Path(cfg.out) / "eval.json"
         if target.exists() and target.stat().st_mtime >= (Path(cfg.out) / WEIGHTS_NAME).stat().st_mtime:
@@ -157,7 +158,9 @@ def _evaluate(exp: Experiment) -> None:
             continue
         print(f"-- evaluating {sae_name}", flush=True)
         model = model or load_model(c.model, device=cfg.device)
-        ctx = EvalContext.from_run(cfg.out, device=cfg.device, seed=c.seed, progress=c.progress, model=model)
+        ctx = EvalContext.from_run(
+            cfg.out, device=cfg.device, seed=c.seed, progress=c.progress, model=model, shared=shared
+        )
         results = run_evals(ctx, c.eval_names(), exp.eval_tables, source=f"{exp.path or 'experiment'} [eval]")
         write_results(target, results)
 
