@@ -66,7 +66,7 @@ torch.save(outputs, {out!r})
 
 
 def run_saebench(script: str, inputs: dict[str, Any], workdir: Path, timeout: float = 600) -> dict[str, Any]:
-    """Run `script` in the peer venv with `inputs`; return its `outputs`. A failure shows the peer's stderr."""
+    """Run `script` in the peer venv with `inputs`; return its `outputs` (failures show its stderr)."""
     workdir.mkdir(parents=True, exist_ok=True)
     inp, out = workdir / "peer_inputs.pt", workdir / "peer_outputs.pt"
     torch.save(inputs, inp)

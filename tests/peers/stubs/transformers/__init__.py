@@ -4,6 +4,6 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _placeholder import make_getattr  # noqa: E402
+from _placeholder import make_getattr
 
 __getattr__ = make_getattr("transformers")
