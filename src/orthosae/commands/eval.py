@@ -101,6 +101,7 @@ def _evaluate(runs: list[str], opts: EvalOptions) -> int:
     for name in names:  # check every config before loading anything
         eval_config(name, tables, source)
     model = None
+    shared: dict[str, object] = {}  # SAE-independent eval work (LM probes, activations), done once
     for run_dir in runs:
         if not Path(run_dir).exists():
             raise UserError(f"no run directory at {run_dir}")
@@ -112,6 +113,7 @@ def _evaluate(runs: list[str], opts: EvalOptions) -> int:
             seed=opts.seed,
             progress=opts.progress,
             model=model if model is not None and model.model_id == _model_id(opts, run_dir) else None,
+            shared=shared,
         )
         results = run_evals(ctx, names, tables, source=source)
         out = write_results(opts.out or Path(run_dir) / "eval.json", results)

@@ -1,5 +1,7 @@
 """Side-by-side comparison of two or more results JSONs: every numeric metric, with its difference to the
-first (the baseline)."""
+first (the baseline) and, where both values carry a 95 % interval (`<metric>_ci95`), whether that difference
+is outside the noise (uncertainty.differs: the difference's 95 % interval, from the two intervals taken as
+independent, excludes 0)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from typing import Any
 
 from orthosae.errors import UserError
 from orthosae.eval.results import SECTION_KEYS, section_metrics
+from orthosae.eval.uncertainty import CI_SUFFIX, differs
 
 EVAL_FILE = "eval.json"
 _SHORT = {v: k for k, v in SECTION_KEYS.items()}
@@ -21,6 +24,14 @@ class Row:
     metric: str  # "<eval>/<group>/<name>", e.g. "core/reconstruction_quality/explained_variance"
     values: list[float | None]
     diffs: list[float | None]  # values[i] − values[0]; None where either is missing
+    cis: list[tuple[float, float] | None] | None = None  # each value's 95 % interval, where it has one
+    outside_noise: list[bool | None] | None = None  # per value: does its Δ exclude 0? None: no intervals
+
+NOISE_RULE = (
+    "Δ marked * is outside the noise: the 95 % interval of the difference, from the two values' bootstrap "
+    "intervals taken as independent, excludes 0 (conservative when both SAEs were scored on the same "
+    "items); ~ marks a difference inside the noise; no mark: a value without an interval."
+)
 
 
 def results_path(path: str | Path) -> Path:
@@ -46,14 +57,37 @@ def load_results(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _interval(v: Any) -> tuple[float, float] | None:
+    if isinstance(v, list | tuple) and len(v) == 2 and all(_number(x) for x in v):
+        return float(v[0]), float(v[1])
+    return None
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def flatten_metrics(results: dict[str, Any]) -> dict[str, float]:
     """Every numeric leaf of every section's metrics, keyed '<eval>/<path>'; lists and strings skipped."""
+    return _flatten(results)[0]
+
+
+def flatten_intervals(results: dict[str, Any]) -> dict[str, tuple[float, float]]:
+    """The 95 % intervals: {'<eval>/<path of the metric>': (lo, hi)} from every `<metric>_ci95` leaf."""
+    return _flatten(results)[1]
+
+
+def _flatten(results: dict[str, Any]) -> tuple[dict[str, float], dict[str, tuple[float, float]]]:
     flat: dict[str, float] = {}
+    cis: dict[str, tuple[float, float]] = {}
 
     def walk(prefix: str, obj: Any) -> None:
         if isinstance(obj, dict):
             for k, v in obj.items():
-                if k != "formulas":
+                if k.endswith(CI_SUFFIX):
+                    if (ci := _interval(v)) is not None:
+                        cis[f"{prefix}/{k.removesuffix(CI_SUFFIX)}"] = ci
+                elif k != "formulas":
                     walk(f"{prefix}/{k}", v)
         elif isinstance(obj, int | float) and not isinstance(obj, bool):
             flat[prefix] = float(obj)
@@ -63,19 +97,28 @@ def flatten_metrics(results: dict[str, Any]) -> dict[str, float]:
             walk(_SHORT[key], section_metrics(block))
             if isinstance(block.get("eval_wall_time_s"), int | float):
                 flat[f"{_SHORT[key]}/eval_wall_time_s"] = float(block["eval_wall_time_s"])
-    return flat
+    return flat, cis
 
 
 def compare_rows(results: list[dict[str, Any]]) -> list[Row]:
     """One row per metric present in any of the results, in first-seen order."""
-    flats = [flatten_metrics(r) for r in results]
+    both = [_flatten(r) for r in results]
+    flats = [f for f, _ in both]
     names = list(dict.fromkeys(k for f in flats for k in f))
     rows = []
     for name in names:
         values = [f.get(name) for f in flats]
         base = values[0]
         diffs = [None if v is None or base is None else v - base for v in values]
-        rows.append(Row(name, values, diffs))
+        cis = [c.get(name) for _, c in both]
+        noise: list[bool | None] = []
+        for v, ci in zip(values, cis, strict=True):
+            if v is None or base is None or ci is None or cis[0] is None:
+                noise.append(None)
+            else:
+                noise.append(differs(base, cis[0], v, ci))
+        has_ci = any(c is not None for c in cis)
+        rows.append(Row(name, values, diffs, cis if has_ci else None, noise if has_ci else None))
     return rows
 
 
@@ -93,9 +136,12 @@ def format_rows(rows: list[Row], labels: list[str]) -> str:
         header += [label, "Δ"]
     table = [header]
     for row in rows:
-        cells = [row.metric, _num(row.values[0])]
-        for v, d in zip(row.values[1:], row.diffs[1:], strict=True):
-            cells += [_num(v), _num(d, signed=True)]
+        cis = row.cis or [None] * len(row.values)
+        noise = row.outside_noise or [None] * len(row.values)
+        cells = [row.metric, _value(row.values[0], cis[0])]
+        for v, d, ci, out in zip(row.values[1:], row.diffs[1:], cis[1:], noise[1:], strict=True):
+            mark = "" if out is None or d is None else (" *" if out else " ~")
+            cells += [_value(v, ci), _num(d, signed=True) + mark]
         table.append(cells)
     widths = [max(len(r[i]) for r in table) for i in range(len(header))]
     lines = [
@@ -105,7 +151,13 @@ def format_rows(rows: list[Row], labels: list[str]) -> str:
         for r in table
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    if any(r.cis for r in rows):
+        lines += ["", NOISE_RULE]
     return "\n".join(lines)
+
+
+def _value(v: float | None, ci: tuple[float, float] | None) -> str:
+    return _num(v) if ci is None or v is None else f"{_num(v)} [{_num(ci[0])}, {_num(ci[1])}]"
 
 
 def compare(paths: list[str | Path]) -> tuple[list[Row], list[str]]:
