@@ -1,4 +1,4 @@
-"""--compare with intervals: values shown with their 95 % interval, differences marked inside/outside noise."""
+"""--compare with intervals: values with their 95 % interval, differences marked inside or outside noise."""
 
 from __future__ import annotations
 
