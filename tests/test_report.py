@@ -326,3 +326,18 @@ def test_features_need_a_cache(tmp_path: Path) -> None:
     exp = make_experiment(tmp_path, None, None)
     with pytest.raises(UserError, match="no activation cache"):
         compute_features(exp)
+
+
+def test_intervals_and_noise_marks_in_the_metrics_table(experiment: Path) -> None:
+    from orthosae.report.load import load_experiment
+
+    exp = load_experiment(experiment)
+    for name, ci in (("topk", [0.01, 0.04]), ("orth", [0.03, 0.05])):
+        block = exp.saes[name].sections["unlearning"]
+        block["eval_result_metrics"]["unlearning"]["unlearning_score_ci95"] = ci
+    table = metrics_table(exp, "topk")
+    row = next(r for r in table.rows if r[0].text == "unlearning.unlearning_score")
+    assert row[1].text == "0.026 [0.01, 0.04]" and row[2].text == "0.036 [0.03, 0.05]"
+    assert row[4].text == "+0.01 (+38.5%) ~"  # the difference is inside the noise
+    assert not any(r[0].text.endswith("_ci95") for r in table.rows)  # intervals are not rows
+    assert "bootstrap 95 % intervals" in table.note

@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from orthosae.eval.compare import NOISE_RULE
 from orthosae.eval.results import SECTION_KEYS
+from orthosae.eval.uncertainty import CI_SUFFIX, differs
 from orthosae.report.load import Experiment, finite, order_saes
 
 REL_TOL = 0.01
@@ -100,7 +102,8 @@ def preserved(metric: str, value: float, base: float) -> bool | None:
 
 def section_metrics(block: dict[str, Any] | None) -> dict[str, Any] | None:
     """Flatten a section's metrics to {"group.metric": value}; core uses "metrics", others
-    "eval_result_metrics" (either is accepted for both)."""
+    "eval_result_metrics" (either is accepted for both). Intervals (`<metric>_ci95`) are read by
+    `section_intervals`, not listed here."""
     if block is None:
         return None
     raw = block.get("eval_result_metrics")
@@ -119,6 +122,28 @@ def section_metrics(block: dict[str, Any] | None) -> dict[str, Any] | None:
     return flat
 
 
+def section_intervals(block: dict[str, Any] | None) -> dict[str, tuple[float, float]]:
+    """{"group.metric": (lo, hi)} from the section's `<metric>_ci95` entries."""
+    raw = (block or {}).get("eval_result_metrics")
+    if not isinstance(raw, dict):
+        raw = (block or {}).get("metrics")
+    out: dict[str, tuple[float, float]] = {}
+    for group, values in (raw or {}).items():
+        if not isinstance(values, dict):
+            continue
+        for name, v in values.items():
+            if name.endswith(CI_SUFFIX) and isinstance(v, list) and len(v) == 2:
+                lo, hi = finite(v[0]), finite(v[1])
+                if lo is not None and hi is not None:
+                    out[f"{group}.{name.removesuffix(CI_SUFFIX)}"] = (lo, hi)
+    return out
+
+
+def fmt_interval(v: Any, ci: tuple[float, float] | None) -> str:
+    """A value with its 95 % interval, "0.72 [0.71, 0.73]"."""
+    return fmt(v) if ci is None or finite(v) is None else f"{fmt(v)} [{fmt(ci[0])}, {fmt(ci[1])}]"
+
+
 def metrics_table(exp: Experiment, baseline: str) -> Table:
     """Rows: every metric of every section; columns: each SAE's value, and Δ to the baseline per other SAE."""
     names = order_saes(list(exp.saes), baseline)
@@ -127,11 +152,13 @@ def metrics_table(exp: Experiment, baseline: str) -> Table:
     header = ["metric", *[f"{n} (baseline)" if n == baseline else n for n in names]]
     if has_base:
         header += [f"Δ {n} vs {baseline}" for n in others]
-    table = Table("Evaluation metrics", header, [], note=PRESERVED_RULE)
+    rules = f"{PRESERVED_RULE} Values in brackets are bootstrap 95 % intervals. {NOISE_RULE}"
+    table = Table("Evaluation metrics", header, [], note=rules)
     if not has_base:
-        table.note = f"Baseline SAE '{baseline}' not found: no differences or verdicts. " + PRESERVED_RULE
+        table.note = f"Baseline SAE '{baseline}' not found: no differences or verdicts. " + rules
     for short in SECTION_KEYS:
         per_sae = {n: section_metrics(exp.saes[n].sections.get(short)) for n in names}
+        per_ci = {n: section_intervals(exp.saes[n].sections.get(short)) for n in names}
         table.group_rows.add(len(table.rows))
         table.rows.append([Cell(SECTION_TITLES[short], "head")] + [Cell("") for _ in header[1:]])
         keys: list[str] = []
@@ -144,15 +171,31 @@ def metrics_table(exp: Experiment, baseline: str) -> Table:
             row = [Cell(key)]
             for n in names:
                 flat = per_sae[n]
-                row.append(Cell("not run", "na") if flat is None else Cell(fmt(flat.get(key)), "num"))
+                text = fmt_interval(flat.get(key), per_ci[n].get(key)) if flat is not None else ""
+                row.append(Cell("not run", "na") if flat is None else Cell(text, "num"))
             if has_base:
-                row += [_delta_cell(short, key, per_sae[n], per_sae[baseline]) for n in others]
+                row += [
+                    _delta_cell(
+                        short,
+                        key,
+                        per_sae[n],
+                        per_sae[baseline],
+                        per_ci[n].get(key),
+                        per_ci[baseline].get(key),
+                    )
+                    for n in others
+                ]
             table.rows.append(row)
     return table
 
 
 def _delta_cell(
-    section: str, key: str, flat: dict[str, Any] | None, base_flat: dict[str, Any] | None
+    section: str,
+    key: str,
+    flat: dict[str, Any] | None,
+    base_flat: dict[str, Any] | None,
+    ci: tuple[float, float] | None = None,
+    base_ci: tuple[float, float] | None = None,
 ) -> Cell:
     if flat is None or base_flat is None:
         return Cell("not run", "na")
@@ -160,6 +203,8 @@ def _delta_cell(
     if value is None or base is None:
         return Cell("—", "na")
     text = fmt_delta(value, base)
+    if ci is not None and base_ci is not None:
+        text += " *" if differs(base, base_ci, value, ci) else " ~"
     verdict = preserved(key.rsplit(".", 1)[-1], value, base) if section == "core" else None
     if verdict is None:
         return Cell(text, "num")
