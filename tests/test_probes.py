@@ -11,6 +11,7 @@ from orthosae.eval.probes import (
     f1_score,
     fit_l1_probe,
     fit_logistic,
+    fit_sklearn_logistic,
     top_k_mean_diff,
 )
 
@@ -39,6 +40,22 @@ def test_logistic_trains_one_vs_rest_columns_at_once():
     logits = probe.logits(x)
     assert logits.shape == (400, 2) and probe.direction().shape == (2, 8)
     assert accuracy(y, logits[:, 0] > 0) > 0.95 and accuracy(1 - y, logits[:, 1] > 0) > 0.95
+
+
+def test_sklearn_logistic_solves_the_c_objective_by_hand():
+    # x = ±1, y = 0/1: b = 0 by symmetry and 0 = ∂/∂w [2·log(1 + e^-w) + w²/(2C)] gives w = 2C·σ(−w):
+    # w = 0.6748316143 for C = 1 (sklearn's default, SAEBench's probe) and 2.1280 for C = 10.
+    x, y = torch.tensor([[-1.0], [1.0]]), torch.tensor([0.0, 1.0])
+    probe = fit_sklearn_logistic(x, y)
+    assert probe.direction().item() == pytest.approx(0.6748316143, abs=1e-6)
+    assert fit_sklearn_logistic(x, y, c=10).direction().item() == pytest.approx(2.1280, abs=1e-3)
+    # No standardisation: shifting the feature only moves the (unpenalised) intercept.
+    shifted = fit_sklearn_logistic(x + 100, y)
+    assert shifted.direction().item() == pytest.approx(0.6748316143, abs=1e-6)
+    assert shifted.logits(x + 100).tolist() == pytest.approx([-0.6748316, 0.6748316], abs=1e-5)
+    # An uninformative feature: w = 0 and the intercept is the unpenalised log-odds, log 3.
+    flat = fit_sklearn_logistic(torch.zeros(4, 1), torch.tensor([1.0, 1.0, 1.0, 0.0]))
+    assert flat.direction().item() == 0.0 and flat.bias.item() == pytest.approx(1.0986123, abs=1e-6)
 
 
 def test_constant_features_do_not_break_standardisation():

@@ -101,7 +101,7 @@ def _evaluate(runs: list[str], opts: EvalOptions) -> int:
     for name in names:  # check every config before loading anything
         eval_config(name, tables, source)
     model = None
-    shared: dict[str, object] = {}  # SAE-independent eval work (LM probes, activations), done once
+    shared: dict[object, object] = {}  # SAE-independent eval work (LM probes, activations), done once
     for run_dir in runs:
         if not Path(run_dir).exists():
             raise UserError(f"no run directory at {run_dir}")

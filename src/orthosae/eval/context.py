@@ -22,7 +22,7 @@ class EvalContext:
     seed: int = 42
     progress: bool = True
     _model: LoadedModel | None = field(default=None, repr=False)
-    shared: dict[str, Any] = field(default_factory=dict, repr=False)
+    shared: dict[Any, Any] = field(default_factory=dict, repr=False)
     """SAE-independent results (LM activations, LM probes, baseline answers) keyed by what they depend on:
     one dict handed to every SAE's context in an experiment, so that work is done once per model/layer."""
 
@@ -37,7 +37,7 @@ class EvalContext:
         seed: int = 42,
         progress: bool = True,
         model: LoadedModel | None = None,
-        shared: dict[str, Any] | None = None,
+        shared: dict[Any, Any] | None = None,
     ) -> EvalContext:
         """Load the SAE in `run_dir`; the model and layer default to the ones recorded in its cfg.json."""
         sae, cfg = load_sae(run_dir, device=device)
@@ -49,7 +49,16 @@ class EvalContext:
                 "pass --model and --layer"
             )
         return cls(
-            sae, cfg, str(name), int(hook_layer), Path(run_dir), device, seed, progress, model, shared or {}
+            sae,
+            cfg,
+            str(name),
+            int(hook_layer),
+            Path(run_dir),
+            device,
+            seed,
+            progress,
+            model,
+            shared if shared is not None else {},
         )
 
     def memo(self, key: tuple[Any, ...], compute: Any) -> Any:

@@ -88,6 +88,44 @@ def fit_logistic(
     return LogisticProbe(weight.detach(), bias.detach(), mean, std, squeeze)
 
 
+def fit_sklearn_logistic(
+    x: torch.Tensor, y: torch.Tensor, *, c: float = 1.0, max_iter: int = 1000, tol: float = 1e-10
+) -> LogisticProbe:
+    """The minimiser of sklearn's LogisticRegression(penalty="l2", C=c) objective for 1-D labels,
+    Σ log-loss + ‖w‖²/(2c) with the intercept unpenalised, on the raw features with unweighted samples
+    (SAEBench's sparse-probing probe, there with c = 1), found by L-BFGS in float64 to a max-abs gradient
+    of `tol` on the per-sample objective. Features are centred first: exact, since the unpenalised
+    intercept absorbs the shift, and it decouples the intercept from large-mean features."""
+    x64, y64 = x.double(), y.double().reshape(-1)
+    n, d = x64.shape
+    mean = x64.mean(dim=0)
+    xc = x64 - mean
+    p = y64.mean().clamp(1e-6, 1 - 1e-6)
+    weight = torch.zeros(d, dtype=torch.float64, requires_grad=True)
+    bias = torch.log(p / (1 - p)).reshape(1).requires_grad_()  # the optimum at w = 0
+    opt = torch.optim.LBFGS(
+        [weight, bias],
+        lr=1.0,
+        max_iter=max_iter,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=tol,
+        tolerance_change=1e-16,
+    )
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(xc @ weight + bias, y64, reduction="sum")
+        loss = (loss + 0.5 / c * weight.pow(2).sum()) / n
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    w = weight.detach().float().unsqueeze(1)
+    return LogisticProbe(w, bias.detach().float(), mean.float(), torch.ones(d), squeeze=True)
+
+
 def fit_l1_probe(
     x: torch.Tensor,
     y: torch.Tensor,

@@ -150,7 +150,7 @@ def _evaluate(exp: Experiment) -> None:
 
     c = exp.cfg
     model = None  # loaded once, shared by every SAE's evaluations
-    shared: dict[str, Any] = {}  # and so are the SAE-independent parts of the evals (LM probes, acts)
+    shared: dict[Any, Any] = {}  # and so are the SAE-independent parts of the evals (LM probes, acts)
     for sae_name, cfg in exp.saes.items():
         target = Path(cfg.out) / "eval.json"
         if target.exists() and target.stat().st_mtime >= (Path(cfg.out) / WEIGHTS_NAME).stat().st_mtime:
