@@ -65,6 +65,15 @@ class Harvest:
     end_context: int  # index after the last context of this batch (all contexts before it are done)
 
 
+def high_norm_kept(acts: torch.Tensor, mask: torch.Tensor, factor: float) -> torch.Tensor:
+    """`mask` (B, T) less its tokens whose norm exceeds `factor` × the median norm of `mask`'s tokens in this
+    batch of contexts (`acts` (B, T, d)); `mask` unchanged when factor is 0 or it selects nothing."""
+    if factor <= 0 or not mask.any():
+        return mask
+    norms = acts.float().norm(dim=-1)
+    return mask & (norms <= norms[mask].median() * factor)
+
+
 def harvest(
     loaded: LoadedModel, layer: int, batches: Iterable[Contexts], remove_high_norm: float = 0.0
 ) -> Iterator[Harvest]:
@@ -78,10 +87,7 @@ def harvest(
     device = next(loaded.model.parameters()).device
     for batch in batches:
         acts = resid_post(loaded.model, batch.tokens.to(device), layer).float().cpu()
-        mask = batch.mask
-        if remove_high_norm > 0 and mask.any():
-            norms = acts.norm(dim=-1)
-            mask = mask & (norms <= norms[mask].median() * remove_high_norm)
+        mask = high_norm_kept(acts, batch.mask, remove_high_norm)
         rows, cols = mask.nonzero(as_tuple=True)
         yield Harvest(
             acts=acts[mask],

@@ -1,34 +1,50 @@
 """Core eval (SAEBench `core`): reconstruction, sparsity, downstream loss with the SAE spliced in, feature
-density, and the orthogonality statistics of co-active latents.
+density, and the orthogonality statistics of co-active latents, each headline number with a bootstrap 95 %
+interval (`<metric>_ci95`).
 
 Data: packed contexts of the eval corpus, taken after the contexts the SAE was trained on (see
 `HeldOut`). Every forward batch of `batch_size_prompts` contexts is one "batch" below. The first
-`n_eval_reconstruction_batches` batches run the model three times (clean, SAE spliced in at block L, block L
-zero-ablated) for CE and KL; the first `n_eval_sparsity_variance_batches` batches feed the reconstruction,
-sparsity, density and orthogonality statistics (reusing the clean run's block-L output where a batch is in
-both sets; otherwise a forward stopped at block L). Special tokens (BOS, EOS, pad) are excluded from every
-average; with `exclude_special_tokens_from_reconstruction` they also keep their original hidden state
-when the SAE is spliced in (SAEBench's convention).
+`n_eval_reconstruction_batches` batches run the model clean, with the SAE spliced in at block L and with
+block L zero-ablated, for CE and KL; the first `n_eval_sparsity_variance_batches` batches feed the
+reconstruction, sparsity, density and orthogonality statistics (reusing the clean run's block-L output where
+a batch is in both sets; otherwise a forward stopped at block L).
+
+Token sets. The headline metrics use the tokens the SAE was trained on: not special (BOS, EOS, pad), and
+not above `remove_high_norm` × the median norm of the non-special tokens of their forward batch, the rule
+training's harvest applies to each of its forward batches of contexts (8 by default, as
+`batch_size_prompts`). The factor is the SAE's own, from its cfg.json. In the spliced forward an excluded
+token keeps its original hidden state and CE/KL average over the kept positions. `metrics.all_tokens`
+repeats every group on all non-special tokens, each reconstructed in the splice (one more spliced forward,
+on just the contexts holding an excluded token). Special tokens are never averaged over; with
+`exclude_special_tokens_from_reconstruction` off they are reconstructed in both splices (SAEBench's option).
+
+Intervals: percentile bootstrap over eval contexts (see `core_stats`).
 """
 
 from __future__ import annotations
 
 import math
+import time
+from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
-from orthosae.activations.harvest import resid_post
+from orthosae.activations.harvest import high_norm_kept, resid_post
 from orthosae.data.pack import Contexts, iter_contexts
 from orthosae.data.texts import describe, iter_texts
 from orthosae.errors import UserError
+from orthosae.eval import core_stats as S
 from orthosae.eval import metrics as M
+from orthosae.eval import uncertainty as U
 from orthosae.eval.context import EvalContext
 from orthosae.eval.results import core_section
-from orthosae.eval.splice import run_spliced
+from orthosae.eval.splice import ablated_logits, clean_run, spliced_logits
 from orthosae.sae import SAE
+
+DEFAULT_HIGH_NORM = 10.0  # training's default (`orthosae train/cache --remove-high-norm`)
 
 
 @dataclass
@@ -51,6 +67,15 @@ class Config:
     """Decoder cos² statistics over latent pairs that fire on the same token."""
     exclude_special_tokens_from_reconstruction: bool = True
     """Leave BOS/EOS/pad positions unreconstructed when splicing (they are never averaged over anyway)."""
+    remove_high_norm: float = -1.0
+    """Leave out of the headline metrics (and unreconstructed in the splice) tokens whose norm exceeds this
+    multiple of their forward batch's median, as training did; -1: the SAE's factor from its cfg.json
+    (10 when it records none), 0: keep every non-special token."""
+    all_tokens: bool = True
+    """Also report every metric on all non-special tokens (metrics.all_tokens), all reconstructed in the
+    splice: one more spliced forward per reconstruction batch, on the contexts holding an excluded token."""
+    n_bootstrap: int = 1000
+    """Bootstrap resamples of the eval contexts for the 95 % intervals (0: no intervals)."""
     skip_contexts: int = -1
     """Contexts to skip before the eval data; -1: skip those the SAE was trained on (from its cfg.json)."""
     density_bins_per_decade: int = 4
@@ -73,6 +98,10 @@ class Config:
                 raise UserError(f"core.{name} must be ≥ 0, got {getattr(self, name)}")
         if self.skip_contexts < -1:
             raise UserError(f"core.skip_contexts must be -1 (auto) or ≥ 0, got {self.skip_contexts}")
+        if not (self.remove_high_norm == -1 or self.remove_high_norm >= 0):
+            raise UserError(f"core.remove_high_norm must be -1 (auto) or ≥ 0, got {self.remove_high_norm}")
+        if self.n_bootstrap < 0:
+            raise UserError(f"core.n_bootstrap must be ≥ 0, got {self.n_bootstrap}")
 
 
 # ----------------------------------------------------------------- held-out data
@@ -90,6 +119,30 @@ def training_tokens(sae_cfg: dict[str, Any], dataset: str, context_size: int) ->
         n = int(src["n_tokens"]) + int(src["context_size"])
         return n, f"trained on {src['n_tokens']} tokens of this corpus (other context size; margin added)"
     return int(src["n_tokens"]), f"trained on the first {src['n_tokens']} kept tokens of this corpus"
+
+
+def high_norm_rule(sae_cfg: dict[str, Any], given: float = -1.0) -> tuple[float, str]:
+    """The high-norm factor the SAE was trained with (0: none), and where that comes from."""
+    if given >= 0:
+        return float(given), f"core.remove_high_norm={given:g} given"
+    src = sae_cfg.get("activations_source")
+    if isinstance(src, dict) and _is_number(src.get("remove_high_norm")):
+        f = float(src["remove_high_norm"])
+        return f, f"the SAE's training rule (cfg.json activations_source.remove_high_norm = {f:g})"
+    train = sae_cfg.get("training")
+    # Streamed training applied training.remove_high_norm; for a plain array it says nothing of the data.
+    if (
+        isinstance(train, dict)
+        and train.get("activations") is None
+        and _is_number(train.get("remove_high_norm"))
+    ):
+        f = float(train["remove_high_norm"])
+        return f, f"the SAE's training rule (cfg.json training.remove_high_norm = {f:g}, streamed)"
+    return DEFAULT_HIGH_NORM, f"default {DEFAULT_HIGH_NORM:g}: the SAE's cfg.json records no high-norm rule"
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
 
 
 class HeldOut:
@@ -168,48 +221,252 @@ def encode_sparse(sae: SAE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 
 @dataclass
-class _LossSums:
-    ce_clean: float = 0.0
-    ce_sae: float = 0.0
-    ce_abl: float = 0.0
-    n_ce: int = 0
-    kl_sae: float = 0.0
-    kl_abl: float = 0.0
-    n_kl: int = 0
+class TokenMasks:
+    """The token sets of one forward batch, (B, T) bool each."""
+
+    nonspecial: torch.Tensor  # every token but BOS/EOS/pad: the all-tokens set
+    kept: torch.Tensor  # the training set: non-special and not high-norm
+    splice_kept: torch.Tensor  # positions reconstructed in the default splice
+    splice_all: torch.Tensor  # positions reconstructed in the all-tokens splice
+
+    @property
+    def excluded(self) -> torch.Tensor:
+        return self.nonspecial & ~self.kept
 
 
-def _accumulate_losses(s: _LossSums, out: Any, tokens: torch.Tensor, keep: torch.Tensor, cfg: Config) -> None:
+def token_masks(
+    hidden: torch.Tensor, nonspecial: torch.Tensor, factor: float, splice_special: bool
+) -> TokenMasks:
+    """The trained-on tokens of a forward batch by training's rule (`harvest`'s high_norm_kept: the median is
+    over this batch's non-special tokens), and the positions each splice reconstructs."""
+    kept = high_norm_kept(hidden, nonspecial, factor)
+    special = ~nonspecial if splice_special else torch.zeros_like(nonspecial)
+    return TokenMasks(nonspecial, kept, kept | special, nonspecial | special)
+
+
+def position_losses(
+    logits: torch.Tensor, clean: torch.Tensor, tokens: torch.Tensor, cfg: Config
+) -> dict[str, torch.Tensor]:
+    """Per-position CE (B, T−1) and KL to the clean model (B, T) of one run's logits."""
+    out = {}
     if cfg.compute_ce_loss:
-        m = keep[:, :-1]  # CE at position t predicts token t+1; skip positions holding a special token
-        s.ce_clean += float(M.ce_per_position(out.clean, tokens)[m].double().sum())
-        s.ce_sae += float(M.ce_per_position(out.spliced, tokens)[m].double().sum())
-        s.ce_abl += float(M.ce_per_position(out.ablated, tokens)[m].double().sum())
-        s.n_ce += int(m.sum())
+        out["ce"] = M.ce_per_position(logits, tokens).double()
     if cfg.compute_kl:
-        s.kl_sae += float(M.kl_per_position(out.clean, out.spliced)[keep].double().sum())
-        s.kl_abl += float(M.kl_per_position(out.clean, out.ablated)[keep].double().sum())
-        s.n_kl += int(keep.sum())
+        out["kl"] = M.kl_per_position(clean, logits).double()
+    return out
 
 
-def _loss_metrics(s: _LossSums) -> tuple[dict[str, float], dict[str, float]]:
-    behaviour: dict[str, float] = {}
-    performance: dict[str, float] = {}
-    if s.n_kl:
-        kl_sae, kl_abl = s.kl_sae / s.n_kl, s.kl_abl / s.n_kl
-        behaviour = {
-            "kl_div_score": M.score(kl_abl, kl_sae),
-            "kl_div_with_ablation": kl_abl,
-            "kl_div_with_sae": kl_sae,
-        }
-    if s.n_ce:
-        clean, sae, abl = s.ce_clean / s.n_ce, s.ce_sae / s.n_ce, s.ce_abl / s.n_ce
-        performance = {
-            "ce_loss_score": M.score(abl, sae, clean),
-            "ce_loss_with_ablation": abl,
-            "ce_loss_with_sae": sae,
-            "ce_loss_without_sae": clean,
-        }
-    return behaviour, performance
+def loss_sums(
+    clean: dict[str, torch.Tensor],
+    sae: dict[str, torch.Tensor],
+    abl: dict[str, torch.Tensor],
+    keep: torch.Tensor,
+) -> S.Sums:
+    """Per-context sums of the losses over the positions of `keep` (B, T): CE at position t predicts token
+    t+1 and counts when token t is kept; KL counts at kept positions."""
+    out: S.Sums = {}
+    k = keep.double()
+    if "ce" in sae:
+        m = k[:, :-1]
+        out |= {"ce_clean": (clean["ce"] * m).sum(1), "ce_sae": (sae["ce"] * m).sum(1)}
+        out |= {"ce_abl": (abl["ce"] * m).sum(1), "n_ce": m.sum(1)}
+    if "kl" in sae:
+        out |= {"kl_sae": (sae["kl"] * k).sum(1), "kl_abl": (abl["kl"] * k).sum(1), "n_kl": k.sum(1)}
+    return {key: v.cpu() for key, v in out.items()}
+
+
+# ----------------------------------------------------------------- accumulation over batches
+
+
+@dataclass
+class _Collected:
+    """Everything the batches leave behind: per-context sums, feature counts, co-activations, counts."""
+
+    recon: dict[str, S.ContextSums]  # "kept", "excluded": reconstruction/sparsity/orthogonality sums
+    legacy_all: S.ContextSums  # legacy EV of the all-tokens set (its own batch means)
+    losses: dict[str, S.ContextSums]  # "kept", "all"
+    feats: dict[str, M.FeatureStats]
+    coact: dict[str, M.CoactivationStats] | None
+    n_special: int = 0
+    n_excluded_reconstruction: int = 0
+    contexts_with_excluded: int = 0
+    positions: Counter[int] = field(default_factory=Counter)
+    norm_over_median: list[float] = field(default_factory=list)
+    all_tokens_forward_s: float = 0.0
+    all_tokens_contexts: int = 0
+
+
+def _sparsity_batch(
+    col: _Collected, sae: SAE, hidden: torch.Tensor, masks: TokenMasks, cfg: Config
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encode the batch's tokens, add the statistics of both token sets; returns the positions encoded
+    and their x̂ (for the splice)."""
+    encoded = masks.splice_all
+    x = hidden[encoded].float()
+    x_hat, acts, idx = encode_sparse(sae, x)
+    context = encoded.nonzero()[:, 0]
+    B = len(hidden)
+    for name, where in (("kept", masks.kept), ("excluded", masks.excluded)):
+        sel = where[encoded]
+        values = S.recon_token_values(x[sel], x_hat[sel], acts[sel])
+        if name == "kept":  # legacy EV: per-token ratio against this set's batch mean
+            values["legacy"] = S.legacy_token_values(x[sel], x_hat[sel])
+        col.feats[name].update(acts[sel], idx[sel])
+        if col.coact is not None:  # sparse_latents sorts by activation, so this keeps the strongest
+            cap = cfg.coactivation_max_latents
+            per = col.coact[name].update(acts[sel][:, :cap], idx[sel][:, :cap]).to(x.device)
+            values |= {f"coact_{k}": per[:, j] for j, k in enumerate(("s", "c", "ps", "p"))}
+        col.recon[name].add(S.by_context(values, context[sel], B))
+    sel = masks.nonspecial[encoded]
+    legacy = {"legacy": S.legacy_token_values(x[sel], x_hat[sel])}
+    col.legacy_all.add(S.by_context(legacy, context[sel], B))
+
+    excluded = masks.excluded
+    col.n_special += int((~masks.nonspecial).sum())
+    col.contexts_with_excluded += int(excluded.any(1).sum())
+    if bool(excluded.any()):
+        col.positions.update(excluded.nonzero()[:, 1].tolist())
+        norms = hidden.float().norm(dim=-1)
+        col.norm_over_median += (norms[excluded] / norms[masks.nonspecial].median()).tolist()
+    return encoded, x_hat
+
+
+def _loss_batch(
+    col: _Collected,
+    loaded_model: torch.nn.Module,
+    layer: int,
+    tokens: torch.Tensor,
+    clean_logits: torch.Tensor,
+    replacement: torch.Tensor,
+    masks: TokenMasks,
+    cfg: Config,
+) -> None:
+    """CE/KL sums of both token sets; logits are reduced to per-position losses one run at a time."""
+    clean = {"ce": M.ce_per_position(clean_logits, tokens).double()} if cfg.compute_ce_loss else {}
+    abl = position_losses(ablated_logits(loaded_model, layer, tokens), clean_logits, tokens, cfg)
+    spliced = spliced_logits(loaded_model, layer, tokens, replacement, masks.splice_kept)
+    sae = position_losses(spliced, clean_logits, tokens, cfg)
+    del spliced
+    col.losses["kept"].add(loss_sums(clean, sae, abl, masks.kept))
+    col.n_excluded_reconstruction += int(masks.excluded.sum())
+    if not cfg.all_tokens:
+        return
+    # The two splices differ only in contexts holding an excluded token: rerun just those rows (rows of a
+    # batch never interact).
+    rows = masks.excluded.any(1).nonzero()[:, 0]
+    sae_all = {k: v.clone() for k, v in sae.items()}
+    if len(rows):
+        start = time.perf_counter()
+        sub = spliced_logits(loaded_model, layer, tokens[rows], replacement[rows], masks.splice_all[rows])
+        for k, v in position_losses(sub, clean_logits[rows], tokens[rows], cfg).items():
+            sae_all[k][rows] = v
+        if tokens.is_cuda:
+            torch.cuda.synchronize(tokens.device)
+        col.all_tokens_forward_s += time.perf_counter() - start
+        col.all_tokens_contexts += len(rows)
+    col.losses["all"].add(loss_sums(clean, sae_all, abl, masks.nonspecial))
+
+
+# ----------------------------------------------------------------- results
+
+
+def _with_ci(point: dict[str, float], ci: dict[str, Any], names: Iterable[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in names:
+        if name in point:
+            out[name] = point[name]
+            out[U.ci_key(name)] = ci.get(name)
+    return out
+
+
+_RQ = (
+    "explained_variance",
+    "explained_variance_legacy",
+    "mse",
+    "cossim",
+    "explained_variance_saebench",
+    "mse_per_element",
+)
+_SHRINK = ("l2_norm_in", "l2_norm_out", "l2_ratio", "relative_reconstruction_bias")
+_KL = ("kl_div_score", "kl_div_with_ablation", "kl_div_with_sae")
+_CE = ("ce_loss_score", "ce_loss_with_ablation", "ce_loss_with_sae", "ce_loss_without_sae")
+
+
+def _groups(
+    recon: S.Sums | None,
+    losses: S.Sums | None,
+    feats: M.FeatureStats,
+    coact: M.CoactivationStats | None,
+    cfg: Config,
+    seed: int,
+    formulas: bool,
+) -> dict[str, Any]:
+    """The metric groups of one token set, each number with its interval."""
+    nb = cfg.n_bootstrap
+    rq: dict[str, float] = S.point(S.recon_metrics, recon) if recon else {}
+    rq_ci = S.intervals(S.recon_metrics, recon, nb, seed) if recon else {}
+    lm: dict[str, float] = S.point(S.loss_metrics, losses) if losses else {}
+    lm_ci = S.intervals(S.loss_metrics, losses, nb, seed) if losses else {}
+    fs = feats.result(cfg.density_bins_per_decade)
+    out: dict[str, Any] = {
+        "model_behavior_preservation": _with_ci(lm, lm_ci, _KL),
+        "model_performance_preservation": _with_ci(lm, lm_ci, _CE),
+        "reconstruction_quality": _with_ci(rq, rq_ci, _RQ),
+        "shrinkage": _with_ci(rq, rq_ci, _SHRINK),
+        "sparsity": _with_ci(rq, rq_ci, ("l0", "l1")),
+        "misc": {
+            k: fs[k]
+            for k in (
+                "frac_alive",
+                "frac_dead",
+                "freq_over_1_percent",
+                "freq_over_10_percent",
+                "feature_density_histogram",
+            )
+        },
+    }
+    if formulas:
+        out["reconstruction_quality"]["formulas"] = {k: M.FORMULAS[k] for k in _RQ if k in rq}
+        out["shrinkage"]["formulas"] = {k: M.FORMULAS[k] for k in _SHRINK}
+        out["sparsity"]["formulas"] = {"l0": M.FORMULAS["l0"], "l1": M.FORMULAS["l1"]}
+    if coact is not None:
+        orth: dict[str, Any] = coact.result()
+        if recon and "coact_s" in recon:
+            ci = S.intervals(S.orth_metrics, recon, nb, seed)
+            for k in ci:  # intervals of the weighted means; the distinct-pair mean and max have none
+                orth[U.ci_key(k)] = ci[k]
+        out["orthogonality"] = orth | ({"formulas": M.COACT_FORMULAS} if formulas else {})
+    return out
+
+
+def _n_positions(losses: S.ContextSums) -> int:
+    """Positions the KL (else the CE) averaged over."""
+    parts = losses.parts.get("n_kl", losses.parts.get("n_ce", []))
+    return int(sum(float(p.sum()) for p in parts))
+
+
+def _token_stats(col: _Collected, kept: S.Sums | None, excluded: S.Sums | None) -> dict[str, Any]:
+    n_kept_recon = _n_positions(col.losses["kept"])
+    n_kept = int(kept["n"].sum()) if kept else 0
+    n_excl = int(excluded["n"].sum()) if excluded else 0
+    shares = S.excluded_shares(kept, excluded) if kept and excluded else {}
+    ratios = sorted(col.norm_over_median)
+    return {
+        "total_tokens_eval_reconstruction": n_kept_recon,
+        "total_tokens_eval_sparsity_variance": n_kept,
+        "n_contexts_eval_reconstruction": col.losses["kept"].n_contexts,
+        "n_contexts_eval_sparsity_variance": kept["n"].numel() if kept else 0,
+        "n_special_tokens": col.n_special,
+        "n_excluded_high_norm": n_excl,
+        "frac_excluded_high_norm": shares.get("frac_tokens"),
+        "excluded_share_of_squared_error": shares.get("frac_squared_error"),
+        "excluded_share_of_ev_denominator": shares.get("frac_ev_denominator"),
+        "n_contexts_with_excluded": col.contexts_with_excluded,
+        "n_excluded_high_norm_reconstruction": col.n_excluded_reconstruction,
+        # Lists, so the compare table (numbers only) leaves them out.
+        "excluded_norm_over_batch_median": [ratios[0], ratios[-1]] if ratios else None,
+        "excluded_positions": [[p, c] for p, c in col.positions.most_common(10)],
+    }
 
 
 # ----------------------------------------------------------------- the eval
@@ -218,6 +475,7 @@ def _loss_metrics(s: _LossSums) -> tuple[dict[str, float], dict[str, float]]:
 @torch.no_grad()
 def evaluate(ctx: EvalContext, cfg: Config) -> dict[str, Any]:
     cfg.validate()
+    t_start = time.perf_counter()
     loaded = ctx.model
     sae = ctx.sae
     if loaded.d_model != sae.d_in:
@@ -229,6 +487,7 @@ def evaluate(ctx: EvalContext, cfg: Config) -> dict[str, Any]:
         raise UserError(f"layer {ctx.layer} is out of range: {ctx.model_name} has {loaded.n_layers} layers")
     device = next(loaded.model.parameters()).device
     sae = sae.to(device)
+    factor, factor_why = high_norm_rule(ctx.sae_cfg, cfg.remove_high_norm)
 
     if cfg.skip_contexts >= 0:
         skip_tokens, why = 0, f"skip_contexts={cfg.skip_contexts} given"
@@ -246,10 +505,15 @@ def evaluate(ctx: EvalContext, cfg: Config) -> dict[str, Any]:
     n_sparse = cfg.n_eval_sparsity_variance_batches
     n_batches = max(n_recon, n_sparse)
 
-    recon = M.ReconStats()
-    feats = M.FeatureStats(sae.d_sae)
-    coact = M.CoactivationStats(sae.W_dec) if cfg.compute_orthogonality else None
-    losses = _LossSums()
+    col = _Collected(
+        recon={"kept": S.ContextSums(), "excluded": S.ContextSums()},
+        legacy_all=S.ContextSums(),
+        losses={"kept": S.ContextSums(), "all": S.ContextSums()},
+        feats={k: M.FeatureStats(sae.d_sae) for k in ("kept", "excluded")},
+        coact={k: M.CoactivationStats(sae.W_dec) for k in ("kept", "excluded")}
+        if cfg.compute_orthogonality
+        else None,
+    )
     n_done = 0
     bar = _progress(ctx.progress, n_batches)
     batches = iter(data)
@@ -258,25 +522,23 @@ def evaluate(ctx: EvalContext, cfg: Config) -> dict[str, Any]:
             batch = next(batches, None)
             if batch is None:
                 break
-            tokens, keep = batch.tokens.to(device), batch.mask.to(device)
-            splice_mask = keep if cfg.exclude_special_tokens_from_reconstruction else torch.ones_like(keep)
-            hidden = None
+            tokens = batch.tokens.to(device)
             if i < n_recon:
-                out = run_spliced(loaded.model, ctx.layer, tokens, splice_mask, sae.reconstruct)
-                _accumulate_losses(losses, out, tokens, keep, cfg)
-                hidden = out.hidden
-                del out
-            elif i < n_sparse:
-                hidden = resid_post(loaded.model, tokens, ctx.layer)
+                hidden, clean_logits = clean_run(loaded.model, ctx.layer, tokens)
+            else:
+                hidden, clean_logits = resid_post(loaded.model, tokens, ctx.layer), None
+            splice_special = not cfg.exclude_special_tokens_from_reconstruction
+            masks = token_masks(hidden, batch.mask.to(device), factor, splice_special)
             if i < n_sparse:
-                assert hidden is not None
-                x = hidden[keep].float()
-                x_hat, acts, idx = encode_sparse(sae, x)
-                recon.update(x, x_hat)
-                feats.update(acts, idx)
-                if coact is not None:  # sparse_latents sorts by activation, so this keeps the strongest
-                    cap = cfg.coactivation_max_latents
-                    coact.update(acts[:, :cap], idx[:, :cap])
+                encoded, x_hat = _sparsity_batch(col, sae, hidden, masks, cfg)
+            else:
+                encoded = masks.splice_all
+                x_hat = sae.reconstruct(hidden[encoded].float())
+            if clean_logits is not None:
+                replacement = hidden.clone()
+                replacement[encoded] = x_hat.to(hidden.dtype)
+                _loss_batch(col, loaded.model, ctx.layer, tokens, clean_logits, replacement, masks, cfg)
+                del clean_logits, replacement
             n_done = i + 1
             bar.update(1)
     finally:
@@ -287,51 +549,32 @@ def evaluate(ctx: EvalContext, cfg: Config) -> dict[str, Any]:
             f"({why}); evaluate on another corpus (core.dataset) or set core.skip_contexts"
         )
 
-    behaviour, performance = _loss_metrics(losses)
-    rq = recon.result()
-    fs = feats.result(cfg.density_bins_per_decade)
-    reconstruction_quality = {
-        "explained_variance": rq.get("explained_variance"),
-        "explained_variance_legacy": rq.get("explained_variance_legacy"),
-        "mse": rq.get("mse"),
-        "cossim": rq.get("cossim"),
-        "explained_variance_saebench": rq.get("explained_variance_saebench"),
-        "mse_per_element": rq.get("mse_per_element"),
-        "formulas": {k: M.FORMULAS[k] for k in rq if k in M.FORMULAS},
-    }
-    metrics: dict[str, Any] = {
-        "model_behavior_preservation": behaviour,
-        "model_performance_preservation": performance,
-        "reconstruction_quality": reconstruction_quality,
-        "shrinkage": {
-            k: rq.get(k) for k in ("l2_norm_in", "l2_norm_out", "l2_ratio", "relative_reconstruction_bias")
-        }
-        | {
-            "formulas": {
-                k: M.FORMULAS[k]
-                for k in ("l2_norm_in", "l2_norm_out", "l2_ratio", "relative_reconstruction_bias")
+    t_boot = time.perf_counter()
+    kept = col.recon["kept"].stacked() or None
+    excluded = col.recon["excluded"].stacked() or None
+    loss_kept = col.losses["kept"].stacked() or None
+    coact_kept = col.coact["kept"] if col.coact else None
+    metrics = _groups(kept, loss_kept, col.feats["kept"], coact_kept, cfg, ctx.seed, formulas=True)
+    metrics["token_stats"] = _token_stats(col, kept, excluded)
+    if cfg.all_tokens:
+        every = S.add_sums(kept, excluded) | col.legacy_all.stacked() if kept and excluded else None
+        coact_all = col.coact["kept"].merged(col.coact["excluded"]) if col.coact else None
+        metrics["all_tokens"] = _groups(
+            every,
+            col.losses["all"].stacked() or None,
+            col.feats["kept"].merged(col.feats["excluded"]),
+            coact_all,
+            cfg,
+            ctx.seed,
+            formulas=False,
+        ) | {
+            "token_stats": {
+                "total_tokens_eval_reconstruction": _n_positions(col.losses["all"]),
+                "total_tokens_eval_sparsity_variance": int(every["n"].sum()) if every else 0,
             }
-        },
-        "sparsity": {
-            "l0": fs["l0"],
-            "l1": fs["l1"],
-            "formulas": {"l0": M.FORMULAS["l0"], "l1": M.FORMULAS["l1"]},
-        },
-        "token_stats": {
-            "total_tokens_eval_reconstruction": losses.n_kl or losses.n_ce,
-            "total_tokens_eval_sparsity_variance": recon.n,
-        },
-        "misc": {
-            "frac_alive": fs["frac_alive"],
-            "frac_dead": fs["frac_dead"],
-            "freq_over_1_percent": fs["freq_over_1_percent"],
-            "freq_over_10_percent": fs["freq_over_10_percent"],
-            "feature_density_histogram": fs["feature_density_histogram"],
-        },
-    }
-    if coact is not None:
-        metrics["orthogonality"] = coact.result() | {"formulas": M.COACT_FORMULAS}
+        }
     metrics = _finite(metrics)
+    t_end = time.perf_counter()
     eval_cfg = {
         "model_name": ctx.model_name,
         "llm_dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
@@ -340,6 +583,32 @@ def evaluate(ctx: EvalContext, cfg: Config) -> dict[str, Any]:
         "heldout_first_context": data.first_context,
         "heldout_rule": why,
         "batches_run": n_done,
+        "token_set": (
+            "non-special tokens whose norm is at most remove_high_norm_resolved × the median norm of the "
+            "non-special tokens of their forward batch (batch_size_prompts contexts), the SAE's training "
+            "rule; excluded tokens keep their hidden state in the splice and CE/KL average over kept "
+            "positions. metrics.all_tokens: every non-special token, all reconstructed in the splice"
+            if factor > 0
+            else "every non-special token (no high-norm rule)"
+        ),
+        "remove_high_norm_resolved": factor,
+        "remove_high_norm_source": factor_why,
+        "bootstrap_config": U.bootstrap_config(
+            "eval context (tokens within a context are correlated, so resampling tokens would understate "
+            "the noise); reconstruction/sparsity/orthogonality over the sparsity-variance contexts, CE/KL "
+            "over the reconstruction contexts; explained_variance_legacy holds each token's batch mean "
+            "fixed",
+            metrics["token_stats"]["n_contexts_eval_sparsity_variance"],
+            cfg.n_bootstrap,
+            ctx.seed,
+        )
+        | {"n_units_reconstruction": metrics["token_stats"]["n_contexts_eval_reconstruction"]},
+        "timing_s": {
+            "total": round(t_end - t_start, 3),
+            "all_tokens_extra_forwards": round(col.all_tokens_forward_s, 3),
+            "all_tokens_extra_contexts": col.all_tokens_contexts,
+            "metrics_and_bootstrap": round(t_end - t_boot, 3),
+        },
     }
     return core_section(ctx, eval_cfg, metrics)
 

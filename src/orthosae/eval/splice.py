@@ -2,8 +2,9 @@
 
 A forward hook on decoder block L returns a modified output; blocks return a tensor (llama in transformers
 5) or a tuple whose first item is the hidden state, and both shapes are handled. Positions outside `mask`
-(BOS and other special tokens, SAEBench's `exclude_special_tokens_from_reconstruction`) keep their original
-hidden state when splicing; zero ablation zeroes every position, as SAEBench does.
+(BOS and other special tokens, SAEBench's `exclude_special_tokens_from_reconstruction`, and the core eval's
+high-norm tokens) keep their original hidden state when splicing; zero ablation zeroes every position, as
+SAEBench does.
 """
 
 from __future__ import annotations
@@ -46,6 +47,40 @@ def logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return model(input_ids=tokens, use_cache=False).logits
 
 
+@torch.inference_mode()
+def clean_run(model: torch.nn.Module, layer: int, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(block-L output (B, T, d), logits (B, T, V)) of the unmodified model."""
+    captured: list[torch.Tensor] = []
+
+    def capture(h: torch.Tensor) -> None:
+        captured.append(h.detach())
+
+    with edit_block_output(model, layer, capture):
+        out = logits(model, tokens)
+    return captured[0], out
+
+
+@torch.inference_mode()
+def spliced_logits(
+    model: torch.nn.Module, layer: int, tokens: torch.Tensor, replacement: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Logits with block L's output replaced by `replacement` (B, T, d) at the positions of `mask` (B, T);
+    every other position keeps the hidden state the model computed."""
+
+    def splice(h: torch.Tensor) -> torch.Tensor:
+        return torch.where(mask[..., None], replacement.to(h.dtype), h)
+
+    with edit_block_output(model, layer, splice):
+        return logits(model, tokens)
+
+
+@torch.inference_mode()
+def ablated_logits(model: torch.nn.Module, layer: int, tokens: torch.Tensor) -> torch.Tensor:
+    """Logits with block L's output zeroed at every position."""
+    with edit_block_output(model, layer, torch.zeros_like):
+        return logits(model, tokens)
+
+
 @dataclass
 class SpliceOutputs:
     hidden: torch.Tensor  # clean block-L output (B, T, d)
@@ -63,20 +98,8 @@ def run_spliced(
     reconstruct: Callable[[torch.Tensor], torch.Tensor],
 ) -> SpliceOutputs:
     """Clean, SAE-spliced and zero-ablated logits for one batch of contexts."""
-    captured: list[torch.Tensor] = []
-
-    def capture(h: torch.Tensor) -> None:
-        captured.append(h.detach())
-
-    def splice(h: torch.Tensor) -> torch.Tensor:
-        out = h.clone()
-        out[mask] = reconstruct(h[mask].float()).to(h.dtype)
-        return out
-
-    with edit_block_output(model, layer, capture):
-        clean = logits(model, tokens)
-    with edit_block_output(model, layer, splice):
-        spliced = logits(model, tokens)
-    with edit_block_output(model, layer, torch.zeros_like):
-        ablated = logits(model, tokens)
-    return SpliceOutputs(captured[0], clean, spliced, ablated)
+    hidden, clean = clean_run(model, layer, tokens)
+    replacement = hidden.clone()
+    replacement[mask] = reconstruct(hidden[mask].float()).to(hidden.dtype)
+    spliced = spliced_logits(model, layer, tokens, replacement, mask)
+    return SpliceOutputs(hidden, clean, spliced, ablated_logits(model, layer, tokens))
