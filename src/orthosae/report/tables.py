@@ -112,13 +112,16 @@ def section_metrics(block: dict[str, Any] | None) -> dict[str, Any] | None:
     if not isinstance(raw, dict):
         return {}
     flat: dict[str, Any] = {}
-    for group, values in raw.items():
-        if isinstance(values, dict):
-            for name, v in values.items():
-                if not isinstance(v, dict | list):
-                    flat[f"{group}.{name}"] = v
-        elif not isinstance(values, list):
-            flat[group] = values
+
+    def walk(prefix: str, values: Any) -> None:
+        for name, v in values.items():
+            if isinstance(v, dict):
+                if name != "formulas":  # nested groups (core's all_tokens block) flatten to a.b.c
+                    walk(f"{prefix}{name}.", v)
+            elif not isinstance(v, list):
+                flat[f"{prefix}{name}"] = v
+
+    walk("", raw)
     return flat
 
 
@@ -128,14 +131,17 @@ def section_intervals(block: dict[str, Any] | None) -> dict[str, tuple[float, fl
     if not isinstance(raw, dict):
         raw = (block or {}).get("metrics")
     out: dict[str, tuple[float, float]] = {}
-    for group, values in (raw or {}).items():
-        if not isinstance(values, dict):
-            continue
+
+    def walk(prefix: str, values: dict[str, Any]) -> None:
         for name, v in values.items():
-            if name.endswith(CI_SUFFIX) and isinstance(v, list) and len(v) == 2:
+            if isinstance(v, dict):
+                walk(f"{prefix}{name}.", v)
+            elif name.endswith(CI_SUFFIX) and isinstance(v, list) and len(v) == 2:
                 lo, hi = finite(v[0]), finite(v[1])
                 if lo is not None and hi is not None:
-                    out[f"{group}.{name.removesuffix(CI_SUFFIX)}"] = (lo, hi)
+                    out[f"{prefix}{name.removesuffix(CI_SUFFIX)}"] = (lo, hi)
+
+    walk("", raw or {})
     return out
 
 
