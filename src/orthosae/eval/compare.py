@@ -27,6 +27,7 @@ class Row:
     cis: list[tuple[float, float] | None] | None = None  # each value's 95 % interval, where it has one
     outside_noise: list[bool | None] | None = None  # per value: does its Δ exclude 0? None: no intervals
 
+
 NOISE_RULE = (
     "Δ marked * is outside the noise: the 95 % interval of the difference, from the two values' bootstrap "
     "intervals taken as independent, excludes 0 (conservative when both SAEs were scored on the same "
