@@ -1,0 +1,154 @@
+"""The unlearning eval's model runs: answers with block L's output captured, and answers from an edited
+block-L output running only the blocks after L.
+
+Every intervention edits block L's output and leaves blocks 0..L untouched, so their output (unedited) is
+computed once, with the baseline answers, and each intervention runs blocks L+1.. only: the model's
+block list is cut to those blocks while the captured output is passed in as `inputs_embeds`. That is
+exact where the model feeds `inputs_embeds` straight into its first block (llama, mistral, qwen2, …) and
+wrong where it scales or adds to it first (gemma's √d scaling, gpt2's position embeddings), so it is
+checked against the full forward before use (`upper_matches`), and the full forward with a hook that edits
+block L's output is used otherwise.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+
+from orthosae.eval.prompt_acts import pad_id_of, pad_right
+from orthosae.eval.splice import edit_block_output
+from orthosae.eval.unlearning_score import choose
+from orthosae.models.blocks import find_blocks
+from orthosae.models.loader import LoadedModel
+
+Edit = Callable[[torch.Tensor], torch.Tensor]  # block-L output (B, T, d) → edited
+
+
+def _batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
+    """Indices in length order, `batch_size` at a time (less padding)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    for start in range(0, len(order), batch_size):
+        yield order[start : start + batch_size]
+
+
+def _last_logits(model: torch.nn.Module, mask: torch.Tensor, **inputs: torch.Tensor) -> torch.Tensor:
+    """Logits at each row's last real token, (B, V) float32 on CPU; only those rows go through the LM
+    head where the model takes `logits_to_keep` positions (a 49k vocabulary costs as much as 7 blocks)."""
+    last = mask.sum(dim=1) - 1
+    device = next(model.parameters()).device
+    kw: dict[str, object] = {}
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        kw["logits_to_keep"] = last.unsqueeze(1).to(device)
+    logits = model(attention_mask=mask.long().to(device), use_cache=False, **inputs, **kw).logits
+    if logits.shape[1] == 1 and mask.shape[1] > 1:
+        return logits[:, 0].float().cpu()
+    return logits[torch.arange(len(last)), last.to(logits.device)].float().cpu()
+
+
+@torch.no_grad()
+def answer(
+    loaded: LoadedModel,
+    layer: int,
+    seqs: Sequence[Sequence[int]],
+    cands: Sequence[Sequence[Sequence[int]]],
+    batch_size: int,
+    *,
+    capture: bool = False,
+    edit: Edit | None = None,
+) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    """Full forwards: each prompt's chosen answer (N,), and with `capture` block L's output per prompt
+    ((T_i, d) float32 on CPU). `edit` replaces block L's output on the way (the fallback path)."""
+    device = next(loaded.model.parameters()).device
+    pad = pad_id_of(loaded.tokenizer)
+    preds = torch.zeros(len(seqs), dtype=torch.long)
+    hidden: list[torch.Tensor | None] = [None] * len(seqs)
+    for idx in _batches([len(s) for s in seqs], batch_size):
+        ids, mask = pad_right([seqs[i] for i in idx], pad)
+        seen: list[torch.Tensor] = []
+
+        def hook(h: torch.Tensor, seen: list[torch.Tensor] = seen) -> torch.Tensor:
+            seen.append(h)
+            return edit(h) if edit is not None else h
+
+        with edit_block_output(loaded.model, layer, hook):
+            last = _last_logits(loaded.model, mask, input_ids=ids.to(device))
+        preds[idx] = choose(last, [cands[i] for i in idx])
+        if capture:
+            h = seen[0].float().cpu()
+            for row, i in enumerate(idx):
+                hidden[i] = h[row, : len(seqs[i])].clone()
+    return preds, ([h for h in hidden if h is not None] if capture else None)
+
+
+@contextmanager
+def only_blocks_after(model: torch.nn.Module, layer: int) -> Iterator[None]:
+    """While active, the model's block list holds blocks layer+1.. only (restored afterwards)."""
+    blocks = find_blocks(model)
+    saved = blocks._modules
+    upper = list(saved.values())[layer + 1 :]
+    blocks._modules = OrderedDict((str(i), b) for i, b in enumerate(upper))
+    try:
+        yield
+    finally:
+        blocks._modules = saved
+
+
+@torch.no_grad()
+def answer_from_hidden(
+    loaded: LoadedModel,
+    layer: int,
+    hidden: Sequence[torch.Tensor],
+    cands: Sequence[Sequence[Sequence[int]]],
+    batch_size: int,
+    edit: Edit | None = None,
+) -> torch.Tensor:
+    """Each prompt's chosen answer, (N,), running blocks layer+1.. from its (edited) block-L output."""
+    device = next(loaded.model.parameters()).device
+    dtype = next(loaded.model.parameters()).dtype
+    preds = torch.zeros(len(hidden), dtype=torch.long)
+    for idx in _batches([len(h) for h in hidden], batch_size):
+        width = max(len(hidden[i]) for i in idx)
+        h = torch.zeros(len(idx), width, hidden[idx[0]].shape[-1])
+        mask = torch.zeros(len(idx), width, dtype=torch.bool)
+        for row, i in enumerate(idx):
+            h[row, : len(hidden[i])] = hidden[i]
+            mask[row, : len(hidden[i])] = True
+        h = h.to(device)
+        if edit is not None:
+            h = edit(h)
+        with only_blocks_after(loaded.model, layer):
+            last = _last_logits(loaded.model, mask, inputs_embeds=h.to(dtype))
+        preds[idx] = choose(last, [cands[i] for i in idx])
+    return preds
+
+
+@torch.no_grad()
+def upper_matches(
+    loaded: LoadedModel,
+    layer: int,
+    seqs: Sequence[Sequence[int]],
+    hidden: Sequence[torch.Tensor],
+    tol: float = 1e-4,
+) -> tuple[bool, float]:
+    """Does running blocks layer+1.. from the captured block-L output give the full forward's last-token
+    logits (max |Δ| ≤ tol × max |logit|)? Checked on a few prompts; returns (ok, relative max |Δ|)."""
+    if not seqs:
+        return False, float("nan")
+    device = next(loaded.model.parameters()).device
+    pad = pad_id_of(loaded.tokenizer)
+    take = list(range(min(4, len(seqs))))
+    ids, mask = pad_right([seqs[i] for i in take], pad)
+    full = _last_logits(loaded.model, mask, input_ids=ids.to(device))
+    width = ids.shape[1]
+    h = torch.zeros(len(take), width, hidden[0].shape[-1])
+    for row, i in enumerate(take):
+        h[row, : len(hidden[i])] = hidden[i]
+    dtype = next(loaded.model.parameters()).dtype
+    with only_blocks_after(loaded.model, layer):
+        upper = _last_logits(loaded.model, mask, inputs_embeds=h.to(device, dtype))
+    rel = float((upper - full).abs().max() / full.abs().max().clamp_min(1e-12))
+    return rel <= tol, rel
