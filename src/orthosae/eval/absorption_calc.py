@@ -1,31 +1,41 @@
-"""The absorption maths, as pure functions on tensors (SAEBench's feature_absorption_calculator semantics).
+"""The absorption maths as pure functions on tensors: SAEBench 0.6's split-feature rule, its
+FeatureAbsorptionCalculator scores per word, its per-letter aggregation, and bootstrap intervals.
 
-For one letter, given the test words the LM probe classifies correctly (probe true positives):
+Per word of a letter (a test word the LM probe classifies correctly, re-prompted), with p̂ the unit LM
+probe direction of the letter, x the LM activation, a the SAE latents and cos_j = cos(p̂, W_dec[j]):
+projections P = x·p̂ and q_j = a_j·cos_j; M = Σ_{j ∈ main} q_j over the letter's split features;
+A = the sum of the (up to) 3 largest q_j > 0 over latents outside main with cos_j ≥ 0.1.
 
-- main latents: the split features of the letter (the k-sparse probe's latents at the largest k reached by
-  F1 jumps > f1_jump_threshold, see `split_features`);
-- full absorption (the seed's `absorption_rate`): a word counts when (1) no main latent fires (all < 1e-8),
-  (2) the latent with the largest projection a_j·cos(w_dec_j, p) onto the unit probe direction p has
-  cos ≥ 0.025, (3) the LM activation's projection x·p is ≥ 0, and (4) that top latent's projection is
-  ≥ 0.4 of x·p. absorption_rate = #absorbed / #probe true positives;
-- absorption fraction (SAEBench's later metric, reported alongside): with M = Σ_main a_j cos_j and the
-  top-3 other latents with cos ≥ 0.1 and positive projection summing to A: 0 when M ≥ x·p or A/(x·p) < 0.4;
-  1 when M ≤ 0; else min(A, x·p − M) / (min(A, x·p − M) + M).
+- absorption fraction: 0 when M ≥ P or A / P < 0.4; else 1 when M ≤ 0; else
+  min(A, P − M) / (min(A, P − M) + M), clipped to [0, 1].
+- full absorption: every main latent is silent (a_j < 1e-8), the latent j* of largest q has
+  cos ≥ 0.025, P ≥ 0 and q_j* / P ≥ 0.4.
+
+SAEBench divides by P without a guard (P = 0 raises there); here a word with P = 0 scores 0 and is not
+fully absorbed. A letter's mean_absorption_fraction and full_absorption_rate are means over its words.
 """
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
-EPS = 1e-8
+from orthosae.eval import uncertainty
+
+EPS = 1e-8  # a main latent below this is silent
+FULL_ABSORPTION_COS = 0.025
+FRACTION_COS = 0.1
+PROJECTION_SHARE = 0.4
+MAX_ABSORBERS = 3
 
 
 def split_features(f1_by_k: Sequence[float], feats_by_k: Sequence[Sequence[int]], jump: float) -> list[int]:
-    """The latents of the largest k reached while each step k-1 → k raises F1 by more than `jump`
-    (k = 1 always counts against a start of -inf). SAEBench's add_feature_splits_to_metrics_df."""
-    best = float("-inf")
+    """The latents of the k-sparse probe at the largest k reached while every step raises test F1 by
+    more than `jump` (k = 1 always counts). SAEBench's add_feature_splits_to_metrics_df."""
+    best = -100.0
     chosen: list[int] = []
     for f1, feats in zip(f1_by_k, feats_by_k, strict=True):
         if f1 > best + jump:
@@ -35,56 +45,111 @@ def split_features(f1_by_k: Sequence[float], feats_by_k: Sequence[Sequence[int]]
     return chosen
 
 
-def decoder_cos(direction: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
-    """cos(probe direction, each decoder row), (d_sae,)."""
-    unit = direction / direction.norm().clamp_min(EPS)
-    return (W_dec.float() @ unit.float()) / W_dec.float().norm(dim=1).clamp_min(EPS)
+def probe_cosines(direction: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
+    """cos(probe direction, each decoder row), (d_sae,), as torch's cosine_similarity computes it."""
+    unit = direction.float() / direction.float().norm()
+    return F.cosine_similarity(unit.unsqueeze(0), W_dec.float(), dim=-1)
 
 
-def full_absorption(
+def word_scores(
+    acts: torch.Tensor,
     latents: torch.Tensor,
-    lm_proj: torch.Tensor,
+    direction: torch.Tensor,
     cos: torch.Tensor,
     main_ids: Sequence[int],
-    cos_threshold: float = 0.025,
-    proportion_threshold: float = 0.4,
-) -> torch.Tensor:
-    """Boolean (N,): which words are fully absorbed. `latents` (N, d_sae), `lm_proj` (N,) = x·p̂."""
-    proj = latents.float() * cos
-    top_val, top_idx = proj.max(dim=1)
-    if len(main_ids):
-        main_silent = (latents[:, list(main_ids)] < EPS).all(dim=1)
-    else:
-        main_silent = torch.ones(latents.shape[0], dtype=torch.bool)
-    aligned = cos[top_idx] >= cos_threshold
-    positive = lm_proj >= 0
-    # x·p = 0 with a positive top projection reads as an infinite share, as SAEBench's division would.
-    share = top_val / lm_proj.where(lm_proj != 0, torch.full_like(lm_proj, EPS))
-    return main_silent & aligned & positive & (share >= proportion_threshold)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(absorption fraction (N,) float64, full absorption (N,) bool) of N words of one letter.
+
+    `acts` (N, d) LM activations, `latents` (N, d_sae), `direction` the letter's probe weights (d,),
+    `cos` = probe_cosines(direction, W_dec). Projections are float32 as in SAEBench; the branch logic
+    runs in float64 on them, as SAEBench's Python floats do.
+    """
+    n = acts.shape[0]
+    ids = list(main_ids)
+    cos = cos.float()
+    unit = direction.float() / direction.float().norm()
+    P = (acts.float() @ unit).double()
+    q = latents.float() * cos
+    main = torch.zeros(q.shape[1], dtype=torch.bool)
+    main[ids] = True
+    M = q[:, ids].sum(dim=1).double()  # summed in main_ids order, as SAEBench indexes them
+
+    # Absorbing candidates: outside main, aligned with the probe, projecting positively (float32 tests).
+    candidate = ~main & (cos >= FRACTION_COS)
+    others = torch.where(candidate & (q > 0), q, torch.zeros_like(q))
+    A = others.topk(min(MAX_ABSORBERS, q.shape[1]), dim=1).values.sum(dim=1).double()
+    safe_P = torch.where(P != 0, P, torch.ones_like(P))
+    share = torch.where(P != 0, A / safe_P, torch.zeros_like(P))
+    absorbed = torch.minimum(A, P - M)
+    partial = (absorbed / (absorbed + M)).clamp(0.0, 1.0)
+    fraction = torch.where(M <= 0, torch.ones(n, dtype=torch.float64), partial)
+    none = (M >= P) | (share < PROJECTION_SHARE) | (P == 0)
+    fraction = torch.where(none, torch.zeros_like(fraction), fraction)
+
+    # Full absorption: SAEBench takes the top latent's activation and cosine as Python floats.
+    main_silent = (latents[:, ids].double() < EPS).all(dim=1)
+    top = q.argmax(dim=1)
+    top_cos = cos[top].double()
+    top_q = latents.float().gather(1, top.unsqueeze(1)).squeeze(1).double() * top_cos
+    full = main_silent & (top_cos >= FULL_ABSORPTION_COS) & (P > 0) & (top_q / safe_P >= PROJECTION_SHARE)
+    return fraction, full
 
 
-def absorption_fraction(
-    latents: torch.Tensor,
-    lm_proj: torch.Tensor,
-    cos: torch.Tensor,
-    main_ids: Sequence[int],
-    cos_threshold: float = 0.1,
-    proportion_threshold: float = 0.4,
-    max_absorbers: int = 3,
-) -> torch.Tensor:
-    """Float (N,) in [0, 1]: the share of the probe projection carried by absorbing latents."""
-    proj = latents.float() * cos
-    main = torch.zeros(latents.shape[1], dtype=torch.bool)
-    main[list(main_ids)] = True
-    main_proj = proj[:, main].sum(dim=1)
-    candidate = (~main) & (cos >= cos_threshold)
-    others = torch.where(candidate.unsqueeze(0) & (proj > 0), proj, torch.zeros_like(proj))
-    k = min(max_absorbers, others.shape[1])
-    absorb = others.topk(k, dim=1).values.sum(dim=1)
-    share = absorb / lm_proj.where(lm_proj != 0, torch.full_like(lm_proj, EPS))
-    unaccounted = lm_proj - main_proj
-    absorbed = torch.minimum(absorb, unaccounted)
-    frac = (absorbed / (absorbed + main_proj).clamp_min(EPS)).clamp(0.0, 1.0)
-    frac = torch.where(main_proj <= 0, torch.ones_like(frac), frac)
-    none = (main_proj >= lm_proj) | (share < proportion_threshold)
-    return torch.where(none, torch.zeros_like(frac), frac)
+def letter_row(letter: str, fraction: torch.Tensor, full: torch.Tensor, split: Sequence[int]) -> dict:
+    """One letter's entry of eval_result_details (SAEBench's AbsorptionResultDetail keys).
+    num_split_features is len(split features), what SAEBench 0.6's main.py reports (its k-sparse
+    artifact's `num_split_features` column is that minus one)."""
+    n = int(fraction.numel())
+    n_full = int(full.sum())
+    return {
+        "first_letter": letter,
+        "mean_absorption_fraction": float(fraction.sum()) / n if n else 0.0,
+        "full_absorption_rate": n_full / n if n else 0.0,
+        "num_full_absorption": n_full,
+        "num_probe_true_positives": n,
+        "num_split_features": len(split),
+    }
+
+
+def headline(rows: Sequence[dict]) -> dict[str, float]:
+    """SAEBench's AbsorptionMeanMetrics over the included letters (means and sample std devs)."""
+    frac = [r["mean_absorption_fraction"] for r in rows]
+    full = [r["full_absorption_rate"] for r in rows]
+    split = [r["num_split_features"] for r in rows]
+    return {
+        "mean_absorption_fraction_score": statistics.mean(frac),
+        "mean_full_absorption_score": statistics.mean(full),
+        "mean_num_split_features": statistics.mean(split),
+        "std_dev_absorption_fraction_score": statistics.stdev(frac),
+        "std_dev_full_absorption_score": statistics.stdev(full),
+        "std_dev_num_split_features": statistics.stdev(split),
+    }
+
+
+def letter_mean_intervals(
+    per_letter: Sequence[Sequence[torch.Tensor]],
+    *,
+    n_resamples: int = uncertainty.N_RESAMPLES,
+    seed: int = 0,
+) -> list[list[float] | None]:
+    """Bootstrap 95 % intervals of mean-over-letters of per-letter word means, for several word values
+    at once. per_letter[l] = (values_1 (n_l,), values_2 (n_l,), …) for letter l. Words are resampled
+    within each letter (each letter keeps its count; one resample serves every value, so the intervals
+    are of the same resamples), and the mean over letters is recomputed per resample."""
+    if not per_letter:
+        return []
+    n_values = len(per_letter[0])
+    sums = torch.zeros(n_values, n_resamples, dtype=torch.float64)
+    usable = True
+    for li, values in enumerate(per_letter):
+        n = int(values[0].numel())
+        if n == 0:
+            usable = False
+            continue
+        w = uncertainty.resample_counts(n, n_resamples, seed=seed + li)
+        for vi, v in enumerate(values):
+            sums[vi] += (w @ v.double().flatten()) / n
+    if not usable or sum(int(v[0].numel()) for v in per_letter) < 2:
+        return [None] * n_values
+    means = sums / len(per_letter)
+    return [uncertainty.as_list(uncertainty.percentile_interval(means[vi])) for vi in range(n_values)]
