@@ -43,9 +43,9 @@ def fake_evals(seed: int, *, skip: tuple[str, ...] = ()) -> dict[str, Any]:
         }
     }
     absorption = {
-        "eval_result_metrics": {"mean": {"mean_absorption_score": 0.14 - 0.05 * seed}},
+        "eval_result_metrics": {"mean": {"mean_absorption_fraction_score": 0.14 - 0.05 * seed}},
         "eval_result_details": [
-            {"first_letter": c, "absorption_rate": float(rng.uniform(0, 0.3))} for c in LETTERS
+            {"first_letter": c, "mean_absorption_fraction": float(rng.uniform(0, 0.3))} for c in LETTERS
         ],
     }
     ks = (1, 2, 5, 10, 20, 50)

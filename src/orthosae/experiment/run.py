@@ -19,7 +19,8 @@ from orthosae.train.config import TrainConfig
 # Rough costs on a 2-core CPU (measured with the bundled SmolLM2-135M), used only for the up-front estimate.
 HARVEST_TOKENS_PER_S = 1500.0
 STEP_SECONDS_PER_GFLOP = 0.045  # one training step ≈ this × (B·d·n / 1e9)
-EVAL_SECONDS_PER_SAE = 150.0
+EVAL_SECONDS_PER_SAE = 240.0  # seed.toml's sizes on 2 cores: core, unlearning's grid, encodes
+EVAL_SECONDS_SHARED = 600.0  # once per experiment: the LM side of absorption, probing, unlearning
 
 
 def estimate_seconds(exp: Experiment, cache_ready: bool) -> dict[str, float]:
@@ -28,7 +29,7 @@ def estimate_seconds(exp: Experiment, cache_ready: bool) -> dict[str, float]:
     est["train"] = sum(_step_seconds(t) * t.steps for t in exp.saes.values())
     first = next(iter(exp.saes.values()))
     est["speed"] = (c.speed_steps + 2) * _step_seconds(first) * 8 if c.speed_steps else 0.0
-    est["evals"] = EVAL_SECONDS_PER_SAE * len(exp.saes) if c.eval_names() else 0.0
+    est["evals"] = EVAL_SECONDS_SHARED + EVAL_SECONDS_PER_SAE * len(exp.saes) if c.eval_names() else 0.0
     return est
 
 

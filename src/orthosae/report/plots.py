@@ -81,13 +81,14 @@ def training_curves(exp: Experiment, baseline: str) -> Figure | None:
 
 
 def absorption_by_letter(exp: Experiment, baseline: str) -> Figure | None:
-    """Grouped bars: absorption rate per first letter, one bar per SAE."""
+    """Grouped bars: absorption fraction per first letter (SAEBench 0.6's headline), one bar per SAE.
+    Results written before it existed give their full-absorption `absorption_rate` instead."""
     data: dict[str, dict[str, float]] = {}
     for n in order_saes(list(exp.saes), baseline):
         block = exp.saes[n].sections.get("absorption")
         details = block.get("eval_result_details") if block else None
         rates = {
-            str(d.get("first_letter")): finite(d.get("absorption_rate"))
+            str(d.get("first_letter")): finite(d.get("mean_absorption_fraction", d.get("absorption_rate")))
             for d in details or []
             if isinstance(d, dict)
         }
@@ -105,7 +106,7 @@ def absorption_by_letter(exp: Experiment, baseline: str) -> Figure | None:
         xs = [j + (i - (len(data) - 1) / 2) * width for j in range(len(letters))]
         ax.bar(xs, [rates.get(c, math.nan) for c in letters], width, label=n, color=colors[n])
     ax.set_xticks(range(len(letters)), letters)
-    ax.set_ylabel("absorption rate")
+    ax.set_ylabel("absorption fraction")
     ax.set_xlabel("first letter")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
