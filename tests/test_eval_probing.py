@@ -16,7 +16,7 @@ from orthosae.eval.context import EvalContext
 from orthosae.eval.datasets import DATASETS, LabelledTexts, detag
 from orthosae.eval.probing_acts import TokenActs, collect, kept_mask, pool_rows
 from orthosae.eval.probing_tasks import draw_negatives, make_tasks, split_per_class
-from orthosae.eval.prompt_acts import acts_at_positions, mean_pooled
+from orthosae.eval.prompt_acts import acts_at_positions
 from orthosae.eval.sparse_probing import (
     Config,
     probe_accuracies,
@@ -120,16 +120,6 @@ def test_collect_leaves_out_special_tokens_and_keeps_tokens(tiny):
         assert torch.allclose(got.latents[i], encode(h[keep]).mean(dim=0), atol=1e-5)
     assert got.tokens.offsets.tolist() == [0, 3, 5, 8]
     assert torch.allclose(got.tokens.pooled(encode), got.latents, atol=1e-6)
-
-
-def test_mean_pooling_ignores_padding_and_bos(tiny):
-    seqs = [[256, 10, 20, 30, 40], [256, 7, 8], [256, 99, 98, 97]]
-    encode = lambda x: torch.relu(x[:, :6]) * 2  # noqa: E731 - a stand-in "SAE": any per-token map
-    lm, lat = mean_pooled(tiny, 1, seqs, encode=encode, batch_size=2)
-    for i, seq in enumerate(seqs):
-        h = resid_post(tiny.model, torch.tensor([seq]), 1)[0, 1:]  # unpadded, BOS left out
-        assert torch.allclose(lm[i], h.mean(dim=0), atol=1e-5)
-        assert torch.allclose(lat[i], encode(h).mean(dim=0), atol=1e-5)
 
 
 def test_acts_at_negative_positions_per_prompt(tiny):

@@ -7,7 +7,7 @@ padding, fewer wasted FLOPs) and the results are returned in the caller's order.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -76,36 +76,3 @@ def acts_at_positions(
             raise ValueError(f"position {position} is outside a prompt of the batch")
         out[idx] = acts[torch.arange(len(idx)), pos]
     return out
-
-
-def mean_pooled(
-    loaded: LoadedModel,
-    layer: int,
-    seqs: Sequence[Sequence[int]],
-    encode: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    skip_first: bool = True,
-    batch_size: int = 8,
-    progress: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Mean over each text's tokens (the first, BOS, left out when `skip_first`) of resid_post, (N, d), and,
-    with `encode`, of the per-token SAE latents encode(x), (N, d_sae) — pooled after encoding, as SAEBench
-    does, so a latent's pooled value is its mean activation over the text. Only one batch of per-token
-    activations is held at a time."""
-    lm = torch.zeros(len(seqs), loaded.d_model)
-    latents: torch.Tensor | None = None
-    for idx, acts, mask in forward_batches(loaded, layer, seqs, batch_size, progress, "mean-pooled acts"):
-        keep = mask.clone()
-        if skip_first:
-            keep[:, 0] = False
-        weights = keep.float() / keep.sum(dim=1, keepdim=True).clamp_min(1)
-        lm[idx] = torch.einsum("btd,bt->bd", acts, weights)
-        if encode is not None:
-            flat = acts[keep]
-            with torch.no_grad():
-                z = encode(flat).float()
-            if latents is None:
-                latents = torch.zeros(len(seqs), z.shape[1])
-            row_of = torch.arange(len(idx)).unsqueeze(1).expand_as(keep)[keep]
-            pooled = torch.zeros(len(idx), z.shape[1]).index_add_(0, row_of, z)
-            latents[idx] = pooled / keep.sum(dim=1, keepdim=True).clamp_min(1)
-    return lm, latents
