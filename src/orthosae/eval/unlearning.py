@@ -78,7 +78,6 @@ from orthosae.eval.unlearning_score import (
     gate_fails_everywhere,
     orderings,
     permute,
-    resample_weights,
     score_from_tables,
     select_features,
     unlearning_score,
@@ -552,8 +551,8 @@ def evaluate(ctx: EvalContext, cfg: Config) -> dict[str, Any]:
     forget, retain = sets["forget"], sets["retain"]
     nf, nr = len(forget.seqs), len(retain.seqs)
     gate = cfg.retain_accuracy_min
-    w_forget = resample_weights(nf, cfg.n_bootstrap, ctx.seed)
-    w_retain = resample_weights(nr, cfg.n_bootstrap, ctx.seed + 1)
+    w_forget = uncertainty.resample_counts(nf, cfg.n_bootstrap, ctx.seed)
+    w_retain = uncertainty.resample_counts(nr, cfg.n_bootstrap, ctx.seed + 1)
 
     grid = [(t, n, m) for t in cfg.retain_thresholds for n in cfg.n_features_list for m in cfg.multipliers]
     rows: list[dict[str, Any]] = []

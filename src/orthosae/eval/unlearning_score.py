@@ -121,12 +121,3 @@ def gate_fails_everywhere(known_wrong: torch.Tensor, weights: torch.Tensor, gate
     w = torch.cat([torch.ones(1, n, dtype=torch.float64), weights.double()])
     upper = 1.0 - (w @ known_wrong.double()) / n  # the best accuracy each sample can still reach
     return bool((upper < gate).all())
-
-
-def resample_weights(n: int, n_resamples: int, seed: int) -> torch.Tensor:
-    """Count matrix (n_resamples, n) (see eval.uncertainty.resample_counts); (0, n) when n_resamples = 0."""
-    from orthosae.eval.uncertainty import resample_counts
-
-    if n_resamples <= 0:
-        return torch.zeros(0, n, dtype=torch.float64)
-    return resample_counts(n, n_resamples, seed)
