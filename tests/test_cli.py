@@ -147,7 +147,11 @@ def _npy(tmp_path: Path, arr: np.ndarray, name: str = "x.npy") -> Path:
         (lambda p: _npy(p, np.ones((10, 4), np.float32)), ["--steps", "-3"], ["--steps must be positive"]),
         (lambda p: _npy(p, np.ones((10, 4), np.float32)), ["--d-sae", "lots"], ["must be an integer"]),
         (lambda p: _npy(p, np.ones((10, 4), np.float32)), ["--config", "/nonexistent.toml"], ["not found"]),
-        (lambda p: _npy(p, np.ones((10, 4), np.float32)), ["--arch", "relu", "--orth"], ["--orth applies"]),
+        (
+            lambda p: _npy(p, np.ones((10, 4), np.float32)),
+            ["--arch", "matryoshka", "--matryoshka-fractions", "1/2,1/4"],
+            ["must sum to 1"],
+        ),
     ],
 )
 def test_bad_input_is_one_line_exit_2(cli, tmp_path: Path, make, extra, fragments):

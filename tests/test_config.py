@@ -53,7 +53,7 @@ def test_toml_round_trip(tmp_path: Path):
         ("activations = [", "not valid TOML"),
         ('activations = "a.npy"\nk = 50\nd_sae = 10\n', "larger than --d-sae"),
         ('activations = "a.npy"\nsteps = 0\n', "--steps must be positive"),
-        ('activations = "a.npy"\narch = "relu"\north = true\n', "--orth applies to the topk"),
+        ('activations = "a.npy"\narch = "matryoshka"\nmatryoshka_fractions = "1/2,1/4"\n', "must sum to 1"),
         ('activations = "a.npy"\nlr = -1.0\n', "--lr must be a positive"),
         ('activations = "a.npy"\nl1 = nan\n', "finite"),
         ('activations = "a.npy"\nwarmup_steps = 5000\n', "--warmup-steps"),

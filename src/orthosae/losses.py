@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from orthosae.sae.topk import sparse_decode
-
 
 def reconstruction_loss(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     """Squared error summed over the model dimension, averaged over tokens (dictionary_learning's l2)."""
@@ -47,6 +45,8 @@ def auxk_loss_from_acts(
     `denom` replaces the residual's variance about its batch mean, when the batch is split across
     processes and the variance must be the whole batch's.
     """
+    from orthosae.sae.kernels import sparse_decode  # here: the sae package's modules import this one
+
     aux_hat = sparse_decode(aux_acts, aux_indices, W_dec)  # no bias: it explains the residual, not x
     err = (residual - aux_hat).pow(2).sum(dim=-1).mean()
     if denom is None:
@@ -63,3 +63,36 @@ def scaled_orthogonality(
     """
     ratio = l_recon.detach() / torch.where(l_orth_init > 0, l_orth_init, torch.ones_like(l_orth_init))
     return torch.where(l_orth_init > 0, lam * ratio * l_orth, torch.zeros_like(l_orth))
+
+
+def ortsae_penalty(
+    weight: torch.Tensor, perm: torch.Tensor, chunks: int, exponent: float, block_bytes: int = 64 * 2**20
+) -> torch.Tensor:
+    """OrtSAE's penalty (Korznikov et al. 2025): mean over features i of max_j |cos(w_i, w_j)|^exponent, the
+    max taken over the other features of i's chunk when the permutation `perm` of the n rows of `weight`
+    is split into `chunks` near-equal chunks (cost O(n²/chunks · d) instead of O(n² d)). A feature alone in
+    its chunk contributes 0.
+
+    The argmax is found without autograd, in row blocks of at most `block_bytes` of cosines; the value is
+    then recomputed from the two rows of each maximising pair, which gives the max's exact gradient
+    (torch's max backward also routes it to the one selected entry) with O(n·d) memory."""
+    n = weight.shape[0]
+    rows = weight / weight.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    partner = torch.full((n,), -1, dtype=torch.long, device=weight.device)
+    with torch.no_grad():
+        detached = rows.detach()
+        for ids in perm.tensor_split(chunks):
+            size = ids.numel()
+            if size < 2:
+                continue
+            members = detached[ids]
+            step = max(1, block_bytes // (size * members.element_size()))
+            for start in range(0, size, step):
+                block = (members[start : start + step] @ members.T).abs_()
+                own = torch.arange(start, start + block.shape[0], device=block.device)
+                block[torch.arange(block.shape[0], device=block.device), own] = -1.0  # not itself
+                partner[ids[start : start + step]] = ids[block.argmax(dim=1)]
+    has = partner >= 0
+    safe = torch.where(has, partner, torch.arange(n, device=weight.device))
+    cos = (rows * rows[safe]).sum(dim=1).abs()
+    return torch.where(has, cos.pow(exponent), torch.zeros_like(cos)).sum() / n

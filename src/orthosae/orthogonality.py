@@ -174,9 +174,10 @@ class _PairwiseFromRows(torch.autograd.Function):
 
 
 def auto_chunk_size(k: int, d: int, element_size: int, budget_bytes: int | None = None) -> int:
-    """Tokens per chunk so that one gathered (chunk, k, d) block stays within ``budget_bytes``."""
+    """Tokens per chunk so that one gathered (chunk, k, d) block, and each (chunk, k, k) Gram, stays within
+    ``budget_bytes`` (the Gram only matters when k > d: variable-count codes padded to a large k)."""
     budget = CHUNK_BYTES if budget_bytes is None else budget_bytes
-    return max(1, budget // max(1, k * d * element_size))
+    return max(1, budget // max(1, k * max(d, k) * element_size))
 
 
 def _pairwise(

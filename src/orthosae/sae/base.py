@@ -15,7 +15,7 @@ def stored_transposed(t: torch.Tensor) -> bool:
 
 @dataclass
 class SAEOutput:
-    """One forward pass. `top_acts`/`top_indices` are (B, k) for TopK; for ReLU they are None."""
+    """One forward pass. `top_acts`/`top_indices` are (B, k) for TopK; for the others they are None."""
 
     x_hat: torch.Tensor
     latents: torch.Tensor | None  # dense (B, d_sae) latents, where the architecture computes them
@@ -38,6 +38,8 @@ class SAE(nn.Module):
     """
 
     arch: str = ""
+    saelens_arch: str = ""  # SAELens's name for the architecture (cfg.json "architecture")
+    apply_b_dec_to_input: bool = True  # centre the input by b_dec before encoding
 
     def __init__(self, d_in: int, d_sae: int, *, dtype: torch.dtype = torch.float32, device: str = "cpu"):
         super().__init__()
@@ -50,7 +52,8 @@ class SAE(nn.Module):
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         """ReLU of the encoder pre-activations, (B, d_sae)."""
-        return torch.relu((x - self.b_dec) @ self.W_enc + self.b_enc)
+        centred = x - self.b_dec if self.apply_b_dec_to_input else x
+        return torch.relu(centred @ self.W_enc + self.b_enc)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Dense decode of (B, d_sae) latents."""
@@ -90,3 +93,11 @@ class SAE(nn.Module):
     def hyperparams(self) -> dict[str, object]:
         """Architecture settings that cfg.json must hold to rebuild this module."""
         return {"arch": self.arch, "d_in": self.d_in, "d_sae": self.d_sae}
+
+    def saved_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors sae.safetensors holds (SAELens names); subclasses add their thresholds."""
+        return {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec, "b_dec": self.b_dec}
+
+    def activation_cfg(self) -> dict[str, object]:
+        """cfg.json's SAELens activation keys."""
+        return {"activation_fn_str": "relu"}

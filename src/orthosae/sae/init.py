@@ -29,3 +29,10 @@ def geometric_median(points: torch.Tensor, max_iter: int = 100, tol: float = 1e-
 def random_unit_rows(n: int, d: int, generator: torch.Generator) -> torch.Tensor:
     w = torch.randn(n, d, generator=generator, dtype=torch.float64)
     return (w / w.norm(dim=1, keepdim=True)).float()
+
+
+def uniform_unit_rows(n: int, d: int, generator: torch.Generator) -> torch.Tensor:
+    """Rows with i.i.d. uniform entries scaled to unit norm: the directions of dictionary_learning's
+    default-initialised (Kaiming-uniform) decoders once normalised, whatever the uniform's bound."""
+    w = torch.rand(n, d, generator=generator, dtype=torch.float64) * 2 - 1
+    return (w / w.norm(dim=1, keepdim=True)).float()

@@ -19,9 +19,8 @@ from safetensors.torch import save as st_save
 from orthosae import __version__
 from orthosae.atomic import write_json, write_with
 from orthosae.errors import UserError
+from orthosae.sae.archs import ARCHS
 from orthosae.sae.base import SAE
-from orthosae.sae.relu import ReLUSAE
-from orthosae.sae.topk import TopKSAE
 
 WEIGHTS_NAME = "sae.safetensors"
 CFG_NAME = "cfg.json"
@@ -31,7 +30,6 @@ _DTYPES = {
     "bfloat16": torch.bfloat16,
     "float64": torch.float64,
 }
-_SAELENS_ARCH = {"topk": "topk", "relu": "standard"}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -44,16 +42,12 @@ def sae_cfg(sae: SAE, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     cfg: dict[str, Any] = {
         "orthosae_version": __version__,
         **hp,
-        "architecture": _SAELENS_ARCH[sae.arch],
+        "architecture": sae.saelens_arch,
         "dtype": dtype_name(sae.W_dec.dtype),
-        "apply_b_dec_to_input": True,
+        "apply_b_dec_to_input": sae.apply_b_dec_to_input,
         "normalize_activations": "none",
+        **sae.activation_cfg(),
     }
-    if sae.arch == "topk":
-        cfg["activation_fn_str"] = "topk"
-        cfg["activation_fn_kwargs"] = {"k": hp["k"]}
-    else:
-        cfg["activation_fn_str"] = "relu"
     cfg.update(extra or {})
     return cfg
 
@@ -75,15 +69,7 @@ def save_sae(sae: SAE, directory: str | Path, extra_cfg: dict[str, Any] | None =
 
 
 def _expected_tensors(sae: SAE) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {
-        "W_enc": sae.W_enc,
-        "b_enc": sae.b_enc,
-        "W_dec": sae.W_dec,
-        "b_dec": sae.b_dec,
-    }
-    if isinstance(sae, TopKSAE):
-        out["threshold"] = sae.threshold
-    return out
+    return sae.saved_tensors()
 
 
 def read_cfg(path: Path) -> dict[str, Any]:
@@ -108,18 +94,24 @@ def _positive_int(cfg: dict[str, Any], key: str, path: Path) -> int:
 def build_from_cfg(cfg: dict[str, Any], path: Path, device: str = "cpu") -> SAE:
     """An SAE module with the architecture cfg.json describes (weights still zero)."""
     arch = cfg.get("arch")
-    if arch not in _SAELENS_ARCH:
-        raise UserError(f"{path}: 'arch' must be one of {sorted(_SAELENS_ARCH)}, found {arch!r}")
+    if arch not in ARCHS:
+        raise UserError(f"{path}: 'arch' must be one of {sorted(ARCHS)}, found {arch!r}")
     d_in, d_sae = _positive_int(cfg, "d_in", path), _positive_int(cfg, "d_sae", path)
     dtype = _DTYPES.get(str(cfg.get("dtype", "float32")))
     if dtype is None:
         raise UserError(f"{path}: unsupported dtype {cfg.get('dtype')!r}; expected one of {sorted(_DTYPES)}")
-    if arch == "topk":
-        k = _positive_int(cfg, "k", path)
+    hp: dict[str, Any] = {"d_in": d_in, "d_sae": d_sae}
+    if ARCHS[arch].uses_k:
+        hp["k"] = k = _positive_int(cfg, "k", path)
         if k > d_sae:
             raise UserError(f"{path}: k={k} is larger than d_sae={d_sae}")
-        return TopKSAE(d_in, d_sae, k, dtype=dtype, device=device)
-    return ReLUSAE(d_in, d_sae, dtype=dtype, device=device)
+    if arch == "matryoshka":
+        sizes = cfg.get("group_sizes")
+        ok = isinstance(sizes, list) and all(isinstance(s, int) and not isinstance(s, bool) for s in sizes)
+        if not ok or not sizes or any(s <= 0 for s in sizes) or sum(sizes) != d_sae:
+            raise UserError(f"{path}: 'group_sizes' must be positive ints summing to d_sae, got {sizes!r}")
+        hp["group_sizes"] = sizes
+    return ARCHS[arch].from_hyperparams(hp, {"dtype": dtype, "device": device})
 
 
 def _check_sha256(weights: Path, expected: object) -> None:

@@ -33,12 +33,29 @@ class TrainConfig:
     """Allow --out to name a directory that already holds a trained SAE (it is replaced)."""
 
     # --- architecture -----------------------------------------------------------------------------
-    arch: Literal["topk", "relu"] = "topk"
-    """SAE architecture: 'topk' (keep the k largest latents) or 'relu' (the standard ReLU + L1 SAE)."""
+    arch: Literal["topk", "relu", "batchtopk", "matryoshka", "jumprelu"] = "topk"
+    """SAE architecture: 'topk' (the k largest latents per token), 'relu' (ReLU + L1), 'batchtopk' (the
+    batch's B·k largest; a learned threshold at inference), 'matryoshka' (BatchTopK with nested prefix
+    losses) or 'jumprelu' (learned per-latent thresholds and an L0 penalty), as dictionary_learning trains
+    each."""
     d_sae: int = 4096
     """Number of latent features (the dictionary size)."""
     k: int = 40
-    """Latents kept per token by TopK (ignored by relu)."""
+    """Latents kept per token by topk, on average by batchtopk and matryoshka (ignored by relu; jumprelu's
+    default --target-l0)."""
+    matryoshka_fractions: str = "1/32,1/16,1/8,1/4,17/32"
+    """Matryoshka: the fraction of the dictionary in each nested group, comma-separated, summing to 1 (each
+    group but the last gets int(f·d_sae) latents, the last the rest)."""
+    matryoshka_weights: str | None = None
+    """Matryoshka: each group's reconstruction-loss weight, comma-separated; default 1/groups each."""
+    target_l0: float | None = None
+    """JumpReLU: the L0 its sparsity penalty coef·(L0/target − 1)² aims at; default --k."""
+    jumprelu_sparsity: float = 1.0
+    """JumpReLU: the coefficient of that sparsity penalty."""
+    jumprelu_bandwidth: float = 0.001
+    """JumpReLU: width of the straight-through estimators' rectangle kernel."""
+    sparsity_warmup_steps: int | None = None
+    """JumpReLU: steps over which the sparsity penalty ramps linearly from 0; default min(2000, steps/5)."""
 
     # --- optimisation -----------------------------------------------------------------------------
     steps: int = 1000
@@ -46,7 +63,8 @@ class TrainConfig:
     batch_size: int = 4096
     """Activations per optimizer step."""
     lr: float | None = None
-    """Adam learning rate; default 2e-4/sqrt(d_sae/2^14) for topk, 3e-4 for relu."""
+    """Adam learning rate; default 2e-4/sqrt(d_sae/2^14) for topk, batchtopk and matryoshka, 3e-4 for relu,
+    7e-5 for jumprelu (dictionary_learning's defaults)."""
     warmup_steps: int | None = None
     """Linear lr warm-up steps; default min(1000, steps/10)."""
     decay_start: float = 0.8
@@ -56,7 +74,7 @@ class TrainConfig:
     l1: float = 0.04
     """L1 coefficient of the relu SAE (latents weighted by decoder row norms)."""
     auxk_alpha: float = 1 / 32
-    """Weight of the AuxK loss that revives dead latents (topk only; 0 disables it)."""
+    """Weight of the AuxK loss that revives dead latents (topk, batchtopk, matryoshka; 0 disables it)."""
     k_aux: int | None = None
     """Dead latents used by AuxK per token; default d_in/2."""
     dead_tokens: int = 10_000_000
@@ -64,11 +82,24 @@ class TrainConfig:
     threshold_beta: float = 0.999
     """EMA decay of the inference threshold (mean over tokens of the smallest top-k activation)."""
     threshold_start_step: int | None = None
-    """Step from which the inference threshold is tracked; default: the end of warm-up."""
+    """Step from which the inference threshold is tracked (batchtopk/matryoshka: the step after it, as
+    dictionary_learning); default: the end of warm-up."""
 
     # --- orthogonality penalty --------------------------------------------------------------------
     orth: bool = False
-    """Add the orthogonality penalty on co-active feature pairs (topk only)."""
+    """Add the orthogonality penalty on co-active feature pairs (a token's co-active entries are its
+    non-zero latents)."""
+    orth_kind: Literal["coactive", "ortsae"] | None = None
+    """Which orthogonality penalty: 'coactive' (--orth's, on co-active pairs) or 'ortsae' (OrtSAE's: each
+    decoder row's largest |cos| to the others within random chunks of the dictionary). Giving it turns the
+    penalty on."""
+    ortsae_weight: float = 0.25
+    """OrtSAE: γ, the penalty enters the loss as γ·mean_i max_j |cos(w_i, w_j)|^exponent."""
+    ortsae_exponent: float = 2.0
+    """OrtSAE: the power the per-feature maximal |cosine| is raised to."""
+    ortsae_chunks: int | None = None
+    """OrtSAE: random chunks the dictionary is split into each step (cost ∝ d_sae²/chunks); default
+    ceil(d_sae/8192), i.e. chunks of at most 8192 features, so the cost is linear in d_sae."""
     orth_lambda: float = 1e-3
     """λ: the penalty enters the loss as λ·(L_recon.detach()/L_orth_init)·L_orth."""
     orth_threshold_ratio: float = 0.1
@@ -87,7 +118,10 @@ class TrainConfig:
 
     # --- run --------------------------------------------------------------------------------------
     seed: int = 0
-    """Seed for every random choice: initialisation and data order."""
+    """Seed for every random choice: initialisation, data order and OrtSAE's chunks."""
+    init_seed: int | None = None
+    """Seed of the initialisation only (default: --seed). SAEs that differ only in it train on the same
+    batches in the same order, so their spread is the seed-to-seed variation of training itself."""
     device: str = "cpu"
     """Torch device, e.g. cpu or cuda."""
     kernel: Literal["auto", "sparse", "dense"] = "auto"
@@ -133,8 +167,9 @@ class TrainConfig:
         for name in ("d_sae", "k", "steps", "batch_size", "log_every", "context_size", "dead_tokens"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.arch == "topk" and self.k > self.d_sae:
+        if self.arch in ("topk", "batchtopk", "matryoshka") and self.k > self.d_sae:
             raise UserError(f"--k {self.k} is larger than --d-sae {self.d_sae}; k must be at most d_sae")
+        self._validate_archs()
         for name in ("l1", "auxk_alpha", "grad_clip", "orth_lambda", "orth_threshold_ratio"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
@@ -154,15 +189,72 @@ class TrainConfig:
             raise UserError(f"--dist-timeout must be a positive number of seconds, got {self.dist_timeout}")
         if self.k_aux is not None and self.k_aux <= 0:
             raise UserError(f"--k-aux must be positive, got {self.k_aux}")
-        if self.orth and self.arch != "topk":
-            raise UserError("--orth applies to the topk architecture; use --arch topk or drop --orth")
         assert self.orth_method in METHODS and self.orth_coactivation in COACTIVATIONS
 
+    def _validate_archs(self) -> None:
+        """The architecture- and penalty-specific fields (matryoshka, jumprelu, ortsae)."""
+        from orthosae.sae.matryoshka import check_groups, parse_fractions  # the sae package imports us
+
+        if self.arch == "matryoshka":
+            try:
+                fractions = parse_fractions(self.matryoshka_fractions)
+                given = self.matryoshka_weights
+                weights = None if given is None else parse_fractions(given)
+            except (ValueError, ZeroDivisionError):
+                raise UserError(
+                    "--matryoshka-fractions/--matryoshka-weights must be comma-separated numbers such as "
+                    f"1/32,1/16,0.5; got {self.matryoshka_fractions!r} / {self.matryoshka_weights!r}"
+                ) from None
+            problem = check_groups(self.d_sae, fractions, weights)
+            if problem is not None:
+                raise UserError(f"--matryoshka-fractions {self.matryoshka_fractions}: {problem}")
+        if self.target_l0 is not None and not (math.isfinite(self.target_l0) and self.target_l0 > 0):
+            raise UserError(f"--target-l0 must be a positive number, got {self.target_l0}")
+        if not (math.isfinite(self.jumprelu_bandwidth) and self.jumprelu_bandwidth > 0):
+            raise UserError(f"--jumprelu-bandwidth must be a positive number, got {self.jumprelu_bandwidth}")
+        for name in ("jumprelu_sparsity", "ortsae_weight"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise UserError(f"--{name.replace('_', '-')} must be a finite number ≥ 0, got {value}")
+        warm = self.sparsity_warmup_steps
+        if warm is not None and not 0 <= warm < self.steps:
+            raise UserError(f"--sparsity-warmup-steps must be in [0, steps={self.steps}), got {warm}")
+        if not (math.isfinite(self.ortsae_exponent) and self.ortsae_exponent > 0):
+            raise UserError(f"--ortsae-exponent must be a positive number, got {self.ortsae_exponent}")
+        if self.ortsae_chunks is not None and not 1 <= self.ortsae_chunks <= self.d_sae:
+            raise UserError(f"--ortsae-chunks must be in [1, d_sae={self.d_sae}], got {self.ortsae_chunks}")
+
     # Derived values, in one place so the trainer and the saved cfg agree.
+    def penalty_kind(self) -> str:
+        """'none', 'coactive' or 'ortsae': --orth-kind when given, else 'coactive' with --orth."""
+        if self.orth_kind is not None:
+            return self.orth_kind
+        return "coactive" if self.orth else "none"
+
     def resolved_lr(self) -> float:
         if self.lr is not None:
             return self.lr
-        return 2e-4 / math.sqrt(self.d_sae / 2**14) if self.arch == "topk" else 3e-4
+        if self.arch in ("topk", "batchtopk", "matryoshka"):
+            return 2e-4 / math.sqrt(self.d_sae / 2**14)
+        return 7e-5 if self.arch == "jumprelu" else 3e-4
+
+    def resolved_target_l0(self) -> float:
+        return self.target_l0 if self.target_l0 is not None else float(self.k)
+
+    def resolved_sparsity_warmup(self) -> int:
+        if self.sparsity_warmup_steps is not None:
+            return self.sparsity_warmup_steps
+        return min(2000, self.steps // 5)
+
+    def resolved_group_weights(self, groups: int) -> list[float]:
+        from orthosae.sae.matryoshka import parse_fractions
+
+        if self.matryoshka_weights is None:
+            return [1.0 / groups] * groups
+        return parse_fractions(self.matryoshka_weights)
+
+    def resolved_ortsae_chunks(self) -> int:
+        return self.ortsae_chunks if self.ortsae_chunks is not None else max(1, math.ceil(self.d_sae / 8192))
 
     def resolved_warmup(self) -> int:
         return self.warmup_steps if self.warmup_steps is not None else min(1000, self.steps // 10)

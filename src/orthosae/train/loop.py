@@ -181,9 +181,18 @@ def prepare_run_dir(out: Path, overwrite: bool) -> Path:
 
 def run_cfg(cfg: TrainConfig, trainer: Trainer, meta: dict[str, Any], tokens: int) -> dict[str, Any]:
     """Everything beyond the architecture that cfg.json records about how the SAE was made."""
-    orth = None
-    if cfg.orth:
+    orth: dict[str, Any] | None = None
+    if cfg.penalty_kind() == "ortsae":
         orth = {
+            "kind": "ortsae",
+            "weight": cfg.ortsae_weight,
+            "exponent": cfg.ortsae_exponent,
+            "chunks": cfg.resolved_ortsae_chunks(),
+            "vectors": cfg.orth_weight,
+        }
+    elif cfg.penalty_kind() == "coactive":
+        orth = {
+            "kind": "coactive",
             "lambda": cfg.orth_lambda,
             "threshold_ratio": cfg.orth_threshold_ratio,
             "coactivation": cfg.orth_coactivation,

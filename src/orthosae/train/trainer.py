@@ -7,61 +7,35 @@ stream (sweeps).
 from __future__ import annotations
 
 import copy
-import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from orthosae.allocator import keep_freed_memory
 from orthosae.errors import UserError
-from orthosae.losses import auxk_loss_from_acts, l1_penalty, reconstruction_loss, scaled_orthogonality
-from orthosae.orthogonality import masked_activations, orthogonality_penalty
-from orthosae.sae import SAE, ReLUSAE, TopKSAE
+from orthosae.losses import auxk_loss_from_acts, ortsae_penalty, scaled_orthogonality
+from orthosae.orthogonality import orthogonality_penalty
+from orthosae.sae.archs import ARCHS
+from orthosae.sae.archs import build_sae as build_sae
 from orthosae.sae.base import stored_transposed
 from orthosae.sae.init import geometric_median
-from orthosae.sae.kernels import (
-    auxk_indices,
-    decode_pairwise,
-    encoder_pre_acts,
-    gather_pre_acts,
-    use_dense_backward,
-)
-from orthosae.sae.topk import sparse_decode
+from orthosae.sae.rule import LOSS_TERMS
 from orthosae.train import distributed as ddp
 from orthosae.train.config import TrainConfig
 from orthosae.train.distributed import Ranks
 from orthosae.train.schedule import lr_multiplier
 
 
-@dataclass
-class TopKPass:
-    """What one training forward of a TopK SAE produces (the dense pre-activations are not kept)."""
-
-    x_hat: torch.Tensor
-    top_acts: torch.Tensor
-    top_indices: torch.Tensor
-    aux_acts: torch.Tensor | None  # (B, k_aux), 0 where the pick is not dead
-    aux_indices: torch.Tensor | None
-    dead: torch.Tensor
-    l_orth: torch.Tensor | None  # the pairwise penalty when it was fused with the decode
-
-
-def build_sae(cfg: TrainConfig, d_in: int) -> SAE:
-    gen = torch.Generator().manual_seed(cfg.seed)
-    if cfg.arch == "topk":
-        return TopKSAE(d_in, cfg.d_sae, cfg.k, generator=gen, device=cfg.device)
-    return ReLUSAE(d_in, cfg.d_sae, generator=gen, device=cfg.device)
-
-
-def adam(params: list[torch.nn.Parameter], lr: float) -> torch.optim.Adam:
+def adam(
+    params: list[torch.nn.Parameter], lr: float, betas: tuple[float, float] = (0.9, 0.999)
+) -> torch.optim.Adam:
     """Adam with torch's fused kernel where the device has one: one pass over each parameter instead of the
     ~10 elementwise passes of the foreach version (4x faster at d=576, n=4608 on the 2-core CPU; the update
     is the same formula, differing in the last bit)."""
     try:
-        return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), fused=True)
+        return torch.optim.Adam(params, lr=lr, betas=betas, fused=True)
     except RuntimeError:  # a device without a fused Adam kernel
-        return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
+        return torch.optim.Adam(params, lr=lr, betas=betas)
 
 
 def optimizer_views(sae: torch.nn.Module) -> list[tuple[torch.nn.Parameter, torch.nn.Parameter]]:
@@ -113,6 +87,9 @@ def match_layouts_(opt: torch.optim.Optimizer) -> None:
 class Trainer:
     """With `ranks` (a data-parallel run), `step` takes this rank's equal share of the global batch and
     every rank ends the step with the same parameters and statistics as one process given the whole batch.
+
+    What differs between architectures lives in the architecture's `Rule` (orthosae.sae.rule); this class
+    never branches on the architecture. It is the rules' `Host`: firing statistics, AuxK, the penalties.
     """
 
     def __init__(self, cfg: TrainConfig, d_in: int, ranks: Ranks | None = None):
@@ -122,9 +99,9 @@ class Trainer:
         if cfg.cpu_allocator == "reuse" and torch.device(cfg.device).type == "cpu":
             keep_freed_memory()  # before the first large tensor: see orthosae.allocator
         self.sae = build_sae(cfg, d_in)
-        self.is_topk = isinstance(self.sae, TopKSAE)
+        self.rule = ARCHS[cfg.arch].rule(self.sae, self)
         self.optimized = optimizer_views(self.sae)
-        self.opt = adam([view for view, _ in self.optimized], cfg.resolved_lr())
+        self.opt = adam([view for view, _ in self.optimized], cfg.resolved_lr(), self.rule.betas)
         fn = lr_multiplier(cfg.steps, cfg.resolved_warmup(), cfg.decay_start)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda=fn)
         n, dev = cfg.d_sae, cfg.device
@@ -132,28 +109,28 @@ class Trainer:
         self.tokens_since_fired = torch.zeros(n, dtype=torch.long, device=dev)
         self.ema_mean = torch.zeros(n, device=dev)  # μ of the orthogonality mask
         self.l_orth_init = torch.zeros((), device=dev)  # first non-zero L_orth, 0 until seen
+        # OrtSAE's chunks: a generator of its own, saved in checkpoints, so resuming draws the same chunks.
+        self.chunk_gen = torch.Generator().manual_seed(cfg.seed)
         self.step_idx = 0
         self.skipped = 0  # batches dropped for a non-finite loss
         # Host-side upper bound on every tokens_since_fired entry: while it is below dead_tokens no latent
         # can be dead, so AuxK is provably 0 and is skipped without reading the device.
         self.tokens_bound = 0
-        if cfg.compile and self.is_topk:
-            # The forward and losses only: the backward runs through autograd either way, and the
-            # optimizer is already one fused kernel per parameter.
-            self._topk_pass = torch.compile(self._topk_pass)  # type: ignore[method-assign]
-            self._topk_terms = torch.compile(self._topk_terms)  # type: ignore[method-assign]
+        if cfg.compile:
+            self.rule.compile()
 
     def step(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One optimizer step on a (B, d_in) batch. Returns detached 0-dim tensors (no host sync)."""
-        cfg, sae = self.cfg, self.sae
-        if self.step_idx == 0 and self.is_topk:
+        """One optimizer step on a (B, d_in) batch. Returns detached 0-dim tensors (no host sync, except
+        for architectures whose per-token latent count varies: see sae.rule.padded_codes)."""
+        cfg, sae, rule = self.cfg, self.sae, self.rule
+        if self.step_idx == 0 and rule.median_init:
             with torch.no_grad():
                 first = x if self.ranks is None else ddp.all_gather_rows(x, self.ranks)
                 sae.b_dec.copy_(geometric_median(first))
         guard = cfg.max_skipped_batches > 0
         saved = self._running_state() if guard else None
-        terms = self._topk_terms(x, self._topk_pass(x)) if self.is_topk else self._relu_terms(x, sae(x))
-        loss = sum(terms[name] for name in ("recon", "auxk_weighted", "l1_weighted", "orth_scaled"))
+        terms = rule.terms(x)
+        loss = sum(terms[name] for name in LOSS_TERMS if name in terms)
         assert isinstance(loss, torch.Tensor)
         if saved is not None and not self._all_finite(loss):
             return self._skip(saved, terms, loss)
@@ -162,14 +139,14 @@ class Trainer:
         loss.backward()
         if self.ranks is not None:
             ddp.average_gradients_(list(sae.parameters()), self.ranks)
-        if self.is_topk:
+        if rule.unit_decoder:
             sae.remove_parallel_grad_()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
         self._grads_to_optimizer()
         self.opt.step()
         self.sched.step()
-        if self.is_topk:
+        if rule.unit_decoder:
             sae.normalize_decoder_()
         self.step_idx += 1
         terms["loss"] = loss
@@ -195,9 +172,7 @@ class Trainer:
 
     def _running_state(self) -> list[torch.Tensor]:
         """Copies of the statistics a forward pass updates, to restore if the batch is skipped."""
-        state = [self.tokens_since_fired, self.ema_mean, self.l_orth_init]
-        if isinstance(self.sae, TopKSAE):
-            state.append(self.sae.threshold)
+        state = [self.tokens_since_fired, self.ema_mean, self.l_orth_init, *self.rule.running()]
         return [t.clone() for t in state]
 
     def _skip(self, saved: list[torch.Tensor], terms: dict[str, torch.Tensor], loss: torch.Tensor):
@@ -207,9 +182,8 @@ class Trainer:
                 f"loss was {float(loss.detach())} on {self.skipped} batches, more than --max-skipped-batches "
                 f"{self.cfg.max_skipped_batches}; stopping without saving; check the data or lower --lr"
             )
-        current = [self.tokens_since_fired, self.ema_mean, self.l_orth_init]  # the bound may stay high
-        if isinstance(self.sae, TopKSAE):
-            current.append(self.sae.threshold)
+        # The bound may stay high; OrtSAE's generator moves on (a skipped batch draws other chunks next).
+        current = [self.tokens_since_fired, self.ema_mean, self.l_orth_init, *self.rule.running()]
         with torch.no_grad():
             for dst, src in zip(current, saved, strict=True):
                 dst.copy_(src)
@@ -219,94 +193,49 @@ class Trainer:
         stats["skipped"] = torch.ones((), device=loss.device)
         return stats
 
-    def _relu_terms(self, x: torch.Tensor, out: Any) -> dict[str, torch.Tensor]:
-        cfg, sae = self.cfg, self.sae
-        zero = x.new_zeros(())
-        terms = {"recon": reconstruction_loss(x, out.x_hat), "auxk": zero, "auxk_weighted": zero}
-        terms["orth"], terms["orth_scaled"] = zero, zero
-        f = out.latents
-        terms["l1"] = l1_penalty(f, sae.W_dec)
-        terms["l1_weighted"] = cfg.l1 * terms["l1"]
-        self._mark_fired((f > 0).any(dim=0), x.shape[0])
-        terms["l0"] = (f > 0).sum(dim=-1).float().mean()
-        terms["dead_frac"] = (self.tokens_since_fired >= cfg.dead_tokens).float().mean()
-        return terms
-
-    def _topk_pass(self, x: torch.Tensor) -> TopKPass:
-        """Encoder GEMM outside autograd, top-k, AuxK picks, then autograd only over the m selected
-        latents per token (sae.kernels): no B×n gradient and no host sync."""
-        cfg, sae = self.cfg, self.sae
-        assert isinstance(sae, TopKSAE)
-        k = sae.k
-        gemm_dtype = torch.bfloat16 if cfg.bf16_encoder else None
-        pre = encoder_pre_acts(x, sae.W_enc, sae.b_enc, sae.b_dec, gemm_dtype)
-        top_idx = pre.topk(k, dim=-1, sorted=False).indices
-        self._track_firing(top_idx, x.shape[0])
-        self.tokens_bound += x.shape[0] * self.world
-        dead = self.tokens_since_fired >= cfg.dead_tokens
-        aux_idx = valid = None
-        idx = top_idx
-        if cfg.auxk_alpha > 0 and self.tokens_bound >= cfg.dead_tokens:
-            aux_idx, valid = auxk_indices(pre, dead, self.k_aux)
-            idx = torch.cat([top_idx, aux_idx], dim=1)
-        dense = use_dense_backward(cfg.kernel, sae.d_sae, idx.shape[1])
-        vals = gather_pre_acts(x, sae.W_enc, sae.b_enc, sae.b_dec, pre, idx, dense=dense)
-        del pre
-        acts = vals[:, :k]
-        aux_acts = None
-        if aux_idx is not None and valid is not None:
-            aux_acts = torch.where(valid, vals[:, k:], torch.zeros_like(vals[:, k:]))
-        l_orth = None
-        if self._fused_orth():
-            self._update_ema(acts, top_idx)
-            masked = masked_activations(
-                acts, top_idx, self.ema_mean, cfg.orth_threshold_ratio, cfg.orth_coactivation
-            )
-            decoded, l_orth = decode_pairwise(acts, top_idx, masked, sae.W_dec)
-        else:
-            decoded = sparse_decode(acts, top_idx, sae.W_dec)
-        return TopKPass(decoded + sae.b_dec, acts, top_idx, aux_acts, aux_idx, dead, l_orth)
-
-    def _fused_orth(self) -> bool:
-        """Decode and pairwise penalty on decoder rows from one row gather (opt-in: see orth_share_gather)."""
-        cfg = self.cfg
-        pairwise_dec = cfg.orth_method == "pairwise" and cfg.orth_weight == "decoder"
-        return cfg.orth and cfg.orth_share_gather and pairwise_dec
-
-    def _topk_terms(self, x: torch.Tensor, p: TopKPass) -> dict[str, torch.Tensor]:
-        cfg, sae = self.cfg, self.sae
-        zero = x.new_zeros(())
-        recon = reconstruction_loss(x, p.x_hat)
-        terms = {"recon": recon, "auxk": zero, "auxk_weighted": zero, "l1": zero, "l1_weighted": zero}
-        terms["orth"], terms["orth_scaled"] = zero, zero
-        self._track_threshold(p.top_acts)
-        if p.aux_acts is not None and p.aux_indices is not None:
-            residual = (x - p.x_hat).detach()
-            denom = None if self.ranks is None else self._global_variance(residual)
-            aux = auxk_loss_from_acts(residual, p.aux_acts, p.aux_indices, sae.W_dec, p.dead.any(), denom)
-            terms["auxk"], terms["auxk_weighted"] = aux, cfg.auxk_alpha * aux
-        if cfg.orth:
-            if p.l_orth is not None:
-                terms["orth"], terms["orth_scaled"] = self._scale_orth(p.l_orth, recon)
-            else:
-                terms["orth"], terms["orth_scaled"] = self._orthogonality(p.top_acts, p.top_indices, recon)
-        terms["l0"] = (p.top_acts > 0).sum(dim=-1).float().mean()
-        terms["dead_frac"] = p.dead.float().mean()
-        return terms
-
     @torch.no_grad()
-    def _track_firing(self, idx: torch.Tensor, batch: int) -> None:
+    def track_firing(self, idx: torch.Tensor, batch: int) -> None:
         fired = torch.zeros_like(self.tokens_since_fired, dtype=torch.bool)
         fired[idx.flatten()] = True
-        self._mark_fired(fired, batch)
+        self.mark_fired(fired, batch)
 
     @torch.no_grad()
-    def _mark_fired(self, fired: torch.Tensor, batch: int) -> None:
+    def mark_fired(self, fired: torch.Tensor, batch: int) -> None:
         """Count `batch` tokens per rank; reset the latents that fired (on any rank: a MAX of the masks)."""
         if self.ranks is not None:
             fired = ddp.all_reduce_max_(fired.to(torch.uint8), self.ranks).bool()
         self.tokens_since_fired += batch * self.world
         self.tokens_since_fired.masked_fill_(fired, 0)  # masked_fill: boolean indexing would sync on GPU
+
+    def auxk(
+        self, x: torch.Tensor, x_hat: torch.Tensor, acts: torch.Tensor, idx: torch.Tensor, dead: torch.Tensor
+    ) -> torch.Tensor:
+        """AuxK on the picks of `acts` (0 where a pick is not dead), against the residual x − x̂."""
+        residual = (x - x_hat).detach()
+        denom = None if self.ranks is None else self._global_variance(residual)
+        return auxk_loss_from_acts(residual, acts, idx, self.sae.W_dec, dead.any(), denom)
+
+    @torch.no_grad()
+    def all_reduce_min(self, t: torch.Tensor) -> torch.Tensor:
+        """The minimum over ranks (this rank's value when training alone)."""
+        if self.ranks is None:
+            return t
+        return -ddp.all_reduce_max_(-t, self.ranks)
+
+    def penalty(
+        self, acts: torch.Tensor, idx: torch.Tensor, recon: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(raw, weighted) orthogonality penalty for the sparse codes `acts`/`idx` (B, m), padding at 0."""
+        if self.cfg.penalty_kind() == "ortsae":
+            return self._ortsae()
+        return self._orthogonality(acts, idx, recon)
+
+    def _ortsae(self) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg, sae = self.cfg, self.sae
+        weight = sae.W_dec if cfg.orth_weight == "decoder" else sae.W_enc.T
+        perm = torch.randperm(cfg.d_sae, generator=self.chunk_gen).to(weight.device)
+        l_orth = ortsae_penalty(weight, perm, cfg.resolved_ortsae_chunks(), cfg.ortsae_exponent)
+        return l_orth, cfg.ortsae_weight * l_orth
 
     @torch.no_grad()
     def _global_variance(self, residual: torch.Tensor) -> torch.Tensor:
@@ -316,32 +245,11 @@ class Trainer:
         mean = ddp.all_reduce_sum_(residual.sum(dim=0, keepdim=True), self.ranks) / total
         return ddp.all_reduce_sum_((residual - mean).pow(2).sum(), self.ranks) / total
 
-    @torch.no_grad()
-    def _track_threshold(self, acts: torch.Tensor) -> None:
-        """EMA of the per-token smallest positive kept activation, for threshold-mode inference."""
-        if self.step_idx < self.cfg.resolved_threshold_start():
-            return
-        assert isinstance(self.sae, TopKSAE)
-        positive = torch.where(acts > 0, acts, torch.full_like(acts, math.inf))
-        mins = positive.min(dim=-1).values
-        # Mean over the tokens with a positive activation, without indexing by a data-dependent mask.
-        finite = torch.isfinite(mins)
-        count = finite.sum()
-        total = torch.where(finite, mins, torch.zeros_like(mins)).sum()
-        if self.ranks is not None:  # the mean over the global batch's tokens
-            both = ddp.all_reduce_sum_(torch.stack([total, count.to(total.dtype)]), self.ranks)
-            total, count = both[0], both[1].round().long()
-        current = total / count.clamp_min(1)
-        thr = self.sae.threshold
-        beta = self.cfg.threshold_beta
-        new = torch.where(thr < 0, current, beta * thr + (1 - beta) * current)
-        thr.copy_(torch.where(count > 0, new, thr))  # no positive activation at all: keep it
-
     def _orthogonality(
         self, acts: torch.Tensor, idx: torch.Tensor, recon: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         cfg, sae = self.cfg, self.sae
-        self._update_ema(acts, idx)
+        self.update_ema(acts, idx)
         weight = sae.W_dec if cfg.orth_weight == "decoder" else sae.W_enc.T
         l_orth = orthogonality_penalty(
             acts,
@@ -352,10 +260,10 @@ class Trainer:
             coactivation=cfg.orth_coactivation,
             method=cfg.orth_method,
         )
-        return self._scale_orth(l_orth, recon)
+        return self.scale_orth(l_orth, recon)
 
     @torch.no_grad()
-    def _update_ema(self, acts: torch.Tensor, idx: torch.Tensor) -> None:
+    def update_ema(self, acts: torch.Tensor, idx: torch.Tensor) -> None:
         """μ ← decay·μ + (1−decay)·mean_b f_b, before the mask (DESIGN §2)."""
         decay = self.cfg.orth_ema_decay
         scale = (1 - decay) / (len(acts) * self.world)
@@ -368,7 +276,7 @@ class Trainer:
         self.ema_mean.mul_(decay)
         self.ema_mean.index_add_(0, idx.flatten(), acts.detach().flatten() * scale)
 
-    def _scale_orth(self, l_orth: torch.Tensor, recon: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def scale_orth(self, l_orth: torch.Tensor, recon: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         total = l_orth.detach()
         if self.ranks is not None:
             # L_orth is a sum over tokens, not a mean: the global value is the ranks' sum. Scaling this
@@ -402,6 +310,7 @@ class Trainer:
                 "step": self.step_idx,
                 "skipped": self.skipped,
                 "tokens_bound": self.tokens_bound,
+                "chunk_rng": self.chunk_gen.get_state(),
             }
         )
 
@@ -420,3 +329,5 @@ class Trainer:
         self.skipped = int(state.get("skipped", 0))
         # Older states lack the bound: assume latents may be dead, so AuxK is always computed (exact).
         self.tokens_bound = int(state.get("tokens_bound", self.cfg.dead_tokens))
+        if "chunk_rng" in state:
+            self.chunk_gen.set_state(state["chunk_rng"])
