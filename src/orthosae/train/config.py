@@ -88,6 +88,9 @@ class TrainConfig:
     # --- run --------------------------------------------------------------------------------------
     seed: int = 0
     """Seed for every random choice: initialisation and data order."""
+    init_seed: int | None = None
+    """Seed of the initialisation only (default: --seed). SAEs that differ only in it train on the same
+    batches in the same order, so their spread is the seed-to-seed variation of training itself."""
     device: str = "cpu"
     """Torch device, e.g. cpu or cuda."""
     kernel: Literal["auto", "sparse", "dense"] = "auto"

@@ -48,7 +48,7 @@ class TopKPass:
 
 
 def build_sae(cfg: TrainConfig, d_in: int) -> SAE:
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed if cfg.init_seed is None else cfg.init_seed)
     if cfg.arch == "topk":
         return TopKSAE(d_in, cfg.d_sae, cfg.k, generator=gen, device=cfg.device)
     return ReLUSAE(d_in, cfg.d_sae, generator=gen, device=cfg.device)
