@@ -237,3 +237,32 @@ def test_core_on_bundled_model_with_identity_sae():
     assert perf["ce_loss_with_ablation"] > perf["ce_loss_without_sae"]
     assert math.isfinite(m["model_behavior_preservation"]["kl_div_with_ablation"])
     assert m["model_behavior_preservation"]["kl_div_with_sae"] == pytest.approx(0.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("keep_logits", [True, False])
+def test_shared_lm_forwards_give_the_same_results(
+    tiny: LoadedModel, tmp_path: Path, monkeypatch, keep_logits
+):
+    """Two SAEs scored with one shared memo (an experiment) equal each scored alone, whether the clean
+    logits are kept for the next SAE or recomputed (over the memory budget)."""
+    if not keep_logits:
+        monkeypatch.setattr(core, "LOGITS_MEMO_BYTES", 0)
+    corpus = write_jsonl(tmp_path / "c.jsonl", SAMPLE_TEXTS)
+    cfg = core.Config(
+        dataset=str(corpus),
+        context_size=32,
+        batch_size_prompts=4,
+        n_eval_reconstruction_batches=2,
+        n_eval_sparsity_variance_batches=3,
+    )
+    saes = [TopKSAE(32, 64, 4, generator=torch.Generator().manual_seed(s)) for s in (0, 1)]
+    alone = [core.evaluate(_ctx(tiny, sae), cfg)["metrics"] for sae in saes]
+    shared: dict = {}
+    together = []
+    for sae in saes:
+        ctx = _ctx(tiny, sae)
+        ctx.shared = shared
+        together.append(core.evaluate(ctx, cfg)["metrics"])
+    assert len(shared) == 3  # one entry per batch, computed once
+    assert together == alone
+    assert alone[0] != alone[1]

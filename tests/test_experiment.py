@@ -17,18 +17,18 @@ from orthosae.train.loop import train
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["seed.toml", "gemma2b.toml", "orth_lambda.toml"])
+@pytest.mark.parametrize("name", ["seed.toml", "study.toml", "gemma2b.toml", "orth_lambda.toml"])
 def test_shipped_experiment_files_resolve(name: str):
     exp = load_experiment(REPO / "experiments" / name)
     assert exp.saes and exp.cfg.baseline in exp.saes
 
 
-def test_seed_experiment_mirrors_the_seed():
+def test_seed_experiment_is_the_lambda_study():
     exp = load_experiment(REPO / "experiments" / "seed.toml")
-    assert set(exp.saes) == {"topk", "relu", "orth"}
-    orth = exp.saes["orth"]
-    assert orth.orth and orth.orth_lambda == 1e-3 and orth.k == 40 and orth.d_sae == 8 * 576
-    assert exp.saes["relu"].arch == "relu" and exp.saes["relu"].l1 > 0
+    assert exp.groups["topk"] == ["topk", "topk-seed2", "topk-seed3"] and len(exp.groups["orth-0.1"]) == 3
+    lambdas = sorted(c.orth_lambda for c in exp.saes.values() if c.orth)
+    assert sorted(set(lambdas)) == [1e-3, 1e-2, 1e-1, 1.0]
+    assert {c.k for c in exp.saes.values()} == {40} and exp.saes["relu"].arch == "relu"
     assert set(exp.eval_tables) <= {"core", "absorption", "sparse_probing", "unlearning"}
 
 

@@ -331,19 +331,38 @@ def _sparsity_batch(
     return encoded, x_hat
 
 
+LOGITS_MEMO_BYTES = 2 << 30  # clean logits of every reconstruction batch are kept for the next SAE up to this
+
+
+def _lm_batch(
+    model: torch.nn.Module, layer: int, tokens: torch.Tensor, recon: bool, n_recon: int, cfg: Config
+) -> tuple[torch.Tensor, torch.Tensor | None, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None]:
+    """What a batch needs from the model alone: block-L output, and for reconstruction batches the
+    per-position losses of the clean and zero-ablated runs and the clean logits (None when keeping
+    n_recon batches of them would exceed LOGITS_MEMO_BYTES; the caller then recomputes them)."""
+    if not recon:
+        return resid_post(model, tokens, layer), None, None
+    hidden, clean_logits = clean_run(model, layer, tokens)
+    clean = {"ce": M.ce_per_position(clean_logits, tokens).double()} if cfg.compute_ce_loss else {}
+    abl = position_losses(ablated_logits(model, layer, tokens), clean_logits, tokens, cfg)
+    keep = clean_logits.numel() * clean_logits.element_size() * n_recon <= LOGITS_MEMO_BYTES
+    return hidden, clean_logits if keep else None, (clean, abl)
+
+
 def _loss_batch(
     col: _Collected,
     loaded_model: torch.nn.Module,
     layer: int,
     tokens: torch.Tensor,
     clean_logits: torch.Tensor,
+    lm_losses: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None,
     replacement: torch.Tensor,
     masks: TokenMasks,
     cfg: Config,
 ) -> None:
     """CE/KL sums of both token sets; logits are reduced to per-position losses one run at a time."""
-    clean = {"ce": M.ce_per_position(clean_logits, tokens).double()} if cfg.compute_ce_loss else {}
-    abl = position_losses(ablated_logits(loaded_model, layer, tokens), clean_logits, tokens, cfg)
+    assert lm_losses is not None
+    clean, abl = lm_losses
     spliced = spliced_logits(loaded_model, layer, tokens, replacement, masks.splice_kept)
     sae = position_losses(spliced, clean_logits, tokens, cfg)
     del spliced
@@ -523,10 +542,18 @@ def evaluate(ctx: EvalContext, cfg: Config) -> dict[str, Any]:
             if batch is None:
                 break
             tokens = batch.tokens.to(device)
-            if i < n_recon:
-                hidden, clean_logits = clean_run(loaded.model, ctx.layer, tokens)
-            else:
-                hidden, clean_logits = resid_post(loaded.model, tokens, ctx.layer), None
+            # The SAE-independent forwards (clean, zero-ablated) are shared by every SAE of an experiment.
+            recon = i < n_recon
+            key = ("core", cfg.dataset, cfg.context_size, cfg.batch_size_prompts, skip_tokens,
+                   cfg.skip_contexts, cfg.compute_kl, cfg.compute_ce_loss, i, recon)  # fmt: skip
+            hidden, clean_logits, lm_losses = ctx.memo(
+                key,
+                lambda tokens=tokens, recon=recon: _lm_batch(
+                    loaded.model, ctx.layer, tokens, recon, n_recon, cfg
+                ),
+            )
+            if recon and clean_logits is None:  # too large to keep for the next SAE: recompute
+                clean_logits = clean_run(loaded.model, ctx.layer, tokens)[1]
             splice_special = not cfg.exclude_special_tokens_from_reconstruction
             masks = token_masks(hidden, batch.mask.to(device), factor, splice_special)
             if i < n_sparse:
@@ -537,8 +564,10 @@ def evaluate(ctx: EvalContext, cfg: Config) -> dict[str, Any]:
             if clean_logits is not None:
                 replacement = hidden.clone()
                 replacement[encoded] = x_hat.to(hidden.dtype)
-                _loss_batch(col, loaded.model, ctx.layer, tokens, clean_logits, replacement, masks, cfg)
-                del clean_logits, replacement
+                _loss_batch(
+                    col, loaded.model, ctx.layer, tokens, clean_logits, lm_losses, replacement, masks, cfg
+                )
+                del replacement
             n_done = i + 1
             bar.update(1)
     finally:

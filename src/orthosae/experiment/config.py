@@ -1,5 +1,9 @@
 """Experiment and sweep files: top-level settings, a [train] table shared by every SAE, one [saes.NAME]
-table per SAE (TrainConfig overrides), and optionally a [sweep] grid that expands into more SAEs."""
+table per SAE (TrainConfig overrides), and optionally a [sweep] grid that expands into more SAEs.
+
+A [saes.NAME] table may set `seeds = N`: the variant is trained N times from one activation stream, with
+initialisation seeds seed, seed+1, …, as NAME, NAME-seed2, …, NAME-seedN. The variant → SAE names map is
+kept as `groups`, so the report can give each variant's seed-to-seed spread."""
 
 from __future__ import annotations
 
@@ -43,6 +47,8 @@ class ExperimentConfig:
     """Name of the SAE the report compares the others against."""
     report_feature_tokens: int = 200_000
     """Cache tokens the report's feature browser scans (its cost grows with this × the number of SAEs)."""
+    synthetic: bool = True
+    """Also run the toy-model benchmark (seconds) at the experiment's λ values: exact absorption vs λ."""
     speed_steps: int = 3
     """Timed optimizer steps per variant in the speed comparison (0 skips it)."""
     seed: int = 42
@@ -78,6 +84,7 @@ class Experiment:
     saes: dict[str, TrainConfig]
     path: Path | None = None
     eval_tables: dict[str, dict[str, Any]] = field(default_factory=dict)  # [eval.core] etc.: eval settings
+    groups: dict[str, list[str]] = field(default_factory=dict)  # variant → its SAEs (one per seed)
 
 
 def load_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -> Experiment:
@@ -96,6 +103,7 @@ def build_experiment(
     named.update(_expand_sweep(_table(data, "sweep", source), source))
     if not named:
         raise UserError(f"{source}: no SAEs to train; add [saes.NAME] tables or a [sweep] grid")
+    named, groups = _expand_seeds(named, cfg.seed, source)
     saes = {}
     for name, table in named.items():
         for key in (*shared, *table):
@@ -115,7 +123,7 @@ def build_experiment(
     for name, table in evals.items():
         if not isinstance(table, dict):
             raise UserError(f"{source}: [eval.{name}] must be a table of that evaluation's settings")
-    return Experiment(cfg, saes, path, evals)
+    return Experiment(cfg, saes, path, evals, groups)
 
 
 def _table(data: dict[str, Any], key: str, source: str) -> dict[str, Any]:
@@ -123,6 +131,28 @@ def _table(data: dict[str, Any], key: str, source: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise UserError(f"{source}: '{key}' must be a table, found {type(value).__name__}")
     return value
+
+
+def _expand_seeds(
+    named: dict[str, dict[str, Any]], seed: int, source: str
+) -> tuple[dict[str, dict[str, Any]], dict[str, list[str]]]:
+    """`seeds = N` in a table → N tables differing only in init_seed; returns them and variant → names."""
+    out: dict[str, dict[str, Any]] = {}
+    groups: dict[str, list[str]] = {}
+    for name, table in named.items():
+        n = table.get("seeds", 1)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise UserError(f"{source} [saes.{name}]: 'seeds' must be a whole number ≥ 1, got {n!r}")
+        if n > 1 and "init_seed" in table:
+            raise UserError(f"{source} [saes.{name}]: set 'seeds' or 'init_seed', not both")
+        rest = {k: v for k, v in table.items() if k != "seeds"}
+        base = rest.get("init_seed", rest.get("seed", seed))
+        groups[name] = [name] + [f"{name}-seed{i + 1}" for i in range(1, n)]
+        for i, member in enumerate(groups[name]):
+            if member in out or (i and member in named):
+                raise UserError(f"{source}: SAE name '{member}' is used twice; rename [saes.{member}]")
+            out[member] = rest if n == 1 else {**rest, "init_seed": base + i}
+    return out, groups
 
 
 def _expand_sweep(grid: dict[str, Any], source: str) -> dict[str, dict[str, Any]]:

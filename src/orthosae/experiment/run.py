@@ -10,6 +10,7 @@ from typing import Any
 from orthosae.atomic import write_json, write_text
 from orthosae.config import to_dict
 from orthosae.errors import UserError
+from orthosae.eval.results import SECTION_KEYS
 from orthosae.experiment.config import Experiment
 from orthosae.experiment.multi import train_many
 from orthosae.experiment.speed import format_speed, measure_speed
@@ -19,8 +20,15 @@ from orthosae.train.config import TrainConfig
 # Rough costs on a 2-core CPU (measured with the bundled SmolLM2-135M), used only for the up-front estimate.
 HARVEST_TOKENS_PER_S = 1500.0
 STEP_SECONDS_PER_GFLOP = 0.045  # one training step ≈ this × (B·d·n / 1e9)
-EVAL_SECONDS_PER_SAE = 240.0  # seed.toml's sizes on 2 cores: core, unlearning's grid, encodes
-EVAL_SECONDS_SHARED = 600.0  # once per experiment: the LM side of absorption, probing, unlearning
+# Per eval at seed.toml's sizes on 2 cores: (once per experiment: the LM side, per SAE).
+EVAL_SECONDS = {
+    "core": (60.0, 30.0),
+    "absorption": (420.0, 40.0),
+    "sparse_probing": (350.0, 40.0),
+    "unlearning": (150.0, 150.0),
+}
+SYNTHETIC_SECONDS = 45.0
+REPORT_SECONDS = 60.0
 
 
 def estimate_seconds(exp: Experiment, cache_ready: bool) -> dict[str, float]:
@@ -29,7 +37,10 @@ def estimate_seconds(exp: Experiment, cache_ready: bool) -> dict[str, float]:
     est["train"] = sum(_step_seconds(t) * t.steps for t in exp.saes.values())
     first = next(iter(exp.saes.values()))
     est["speed"] = (c.speed_steps + 2) * _step_seconds(first) * 8 if c.speed_steps else 0.0
-    est["evals"] = EVAL_SECONDS_SHARED + EVAL_SECONDS_PER_SAE * len(exp.saes) if c.eval_names() else 0.0
+    est["synthetic"] = SYNTHETIC_SECONDS if c.synthetic else 0.0
+    costs = [EVAL_SECONDS.get(name, (0.0, 0.0)) for name in c.eval_names()]
+    est["evals"] = sum(shared + per_sae * len(exp.saes) for shared, per_sae in costs)
+    est["report"] = REPORT_SECONDS
     return est
 
 
@@ -65,6 +76,9 @@ def run_experiment(
             speed = _speed(exp)
             write_json(out / "speed.json", speed)
             print(format_speed(speed), flush=True)
+    if c.synthetic:
+        with _phase("synthetic", timings):
+            _synthetic(exp, out)
     if evals and c.eval_names():
         with _phase("evals", timings):
             _evaluate(exp)
@@ -145,25 +159,64 @@ def _speed(exp: Experiment) -> dict[str, Any]:
 
 
 def _evaluate(exp: Experiment) -> None:
+    """Evaluate every SAE, reusing each eval whose inputs (weights, settings, code) did not change."""
     from orthosae.eval.context import EvalContext
-    from orthosae.eval.runner import run_evals, write_results
+    from orthosae.eval.runner import eval_config, run_evals, write_results
+    from orthosae.experiment import reuse
     from orthosae.models import load_model
 
     c = exp.cfg
+    source = f"{exp.path or 'experiment'} [eval]"
+    configs = {name: eval_config(name, exp.eval_tables, source) for name in c.eval_names()}
     model = None  # loaded once, shared by every SAE's evaluations
     shared: dict[Any, Any] = {}  # and so are the SAE-independent parts of the evals (LM probes, acts)
     for sae_name, cfg in exp.saes.items():
-        target = Path(cfg.out) / "eval.json"
-        if target.exists() and target.stat().st_mtime >= (Path(cfg.out) / WEIGHTS_NAME).stat().st_mtime:
-            print(f"{sae_name}: eval.json is up to date, kept", flush=True)
+        run_dir = Path(cfg.out)
+        fps = reuse.fingerprints(
+            configs, run_dir / WEIGHTS_NAME, {"model": c.model, "layer": c.layer, "seed": c.seed}
+        )
+        kept = reuse.reusable(run_dir, fps)
+        todo = [n for n in configs if SECTION_KEYS[n] not in kept]
+        if not todo:
+            print(f"{sae_name}: evaluations up to date, kept", flush=True)
             continue
-        print(f"-- evaluating {sae_name}", flush=True)
+        print(f"-- evaluating {sae_name}: {', '.join(todo)}" + (f" (kept {len(kept)})" if kept else ""))
         model = model or load_model(c.model, device=cfg.device)
         ctx = EvalContext.from_run(
             cfg.out, device=cfg.device, seed=c.seed, progress=c.progress, model=model, shared=shared
         )
-        results = run_evals(ctx, c.eval_names(), exp.eval_tables, source=f"{exp.path or 'experiment'} [eval]")
-        write_results(target, results)
+        fresh = run_evals(ctx, todo, exp.eval_tables, source=source)
+        write_results(
+            run_dir / "eval.json", {SECTION_KEYS[n]: (kept | fresh)[SECTION_KEYS[n]] for n in configs}
+        )
+        reuse.record(run_dir, fps)
+
+
+def _synthetic(exp: Experiment, out: Path) -> None:
+    """The toy-model benchmark at the experiment's λ values: exact absorption vs λ beside the real model's."""
+    from dataclasses import asdict
+
+    from orthosae.eval import synthetic
+
+    lambdas = sorted({t.orth_lambda for t in exp.saes.values() if t.orth})
+    from orthosae.eval.runner import build_config
+
+    table = {"orth_lambdas": ",".join(f"{v:g}" for v in lambdas) or "0.001"} | exp.eval_tables.get(
+        "synthetic", {}
+    )
+    cfg = build_config(synthetic.Config, table, f"{exp.path or 'experiment'} [eval.synthetic]")
+    cfg.validate()
+    path = out / "synthetic.json"
+    if path.exists():
+        try:
+            if json.loads(path.read_text()).get("eval_config") == asdict(cfg):
+                print("synthetic.json is up to date, kept", flush=True)
+                return
+        except ValueError:
+            pass  # a torn or edited file: recompute it
+    result = synthetic.run(cfg)
+    write_json(path, result)
+    print(synthetic.format_table(result), flush=True)
 
 
 def _combined_results(exp: Experiment) -> dict[str, Any]:
@@ -180,4 +233,4 @@ def _resolved_toml(exp: Experiment) -> str:
     top = {k: v for k, v in to_dict(exp.cfg).items() if v is not None}
     top["cache"] = str(exp.cfg.cache_dir())
     saes = {n: {k: v for k, v in to_dict(t).items() if v is not None} for n, t in exp.saes.items()}
-    return tomli_w.dumps({**top, "saes": saes})
+    return tomli_w.dumps({**top, "groups": exp.groups, "saes": saes})

@@ -15,7 +15,7 @@ from orthosae.errors import UserError
 from orthosae.models.loader import LoadedModel
 from orthosae.report import html as H
 from orthosae.report import markdown as M
-from orthosae.report import plots, tables
+from orthosae.report import plots, study, tables
 from orthosae.report.features import FeatureOptions, ensure_features, load_features
 from orthosae.report.load import Experiment, load_experiment, order_saes
 
@@ -23,10 +23,16 @@ FIGURES_DIR = "figures"
 
 
 def _figures(
-    exp: Experiment, baseline: str, features: dict[str, Any] | None
+    exp: Experiment, baseline: str, features: dict[str, Any] | None, answer: study.Study
 ) -> list[tuple[str, str, Figure | None, str]]:
     """(file stem, title, figure or None, what to say when missing)."""
     return [
+        (
+            "pareto",
+            "Absorption against reconstruction (and, right, the toy model's exact absorption against λ)",
+            plots.pareto(answer, exp.synthetic),
+            "not run: no absorption results",
+        ),
         (
             "training_curves",
             "Training curves",
@@ -95,12 +101,15 @@ def build_report(
     fig_dir = exp.path / FIGURES_DIR
     fig_dir.mkdir(exist_ok=True)
     figures: list[tuple[str, str, bytes | None, str]] = []
-    for stem, title, fig, missing in _figures(exp, baseline, feat):
+    answer = study.build_study(exp, baseline)
+    for stem, title, fig, missing in _figures(exp, baseline, feat, answer):
         png = plots.to_png(fig) if fig is not None else None
         if png is not None:
             write_with(fig_dir / f"{stem}.png", lambda f, data=png: f.write(data))
         figures.append((stem, title, png, missing))
 
+    verdict = study.verdict(answer)
+    pareto_t = study.pareto_table(exp, answer)
     metric_t = tables.metrics_table(exp, baseline)
     speed_t = tables.speed_table(exp)  # speed.json always times against the plain TopK step
     train_t = tables.training_table(exp, baseline)
@@ -111,11 +120,18 @@ def build_report(
 
     order = order_saes(list(exp.saes), baseline)
     md_path, html_path = exp.path / "report.md", exp.path / "report.html"
+    study_md = ["## Study\n", *(p + "\n" for p in verdict), M.table_md(pareto_t)]
     write_text(
-        md_path, _markdown(title, subtitle, metric_t, sae_t, train_t, speed_t, figures, feat, status, order)
+        md_path,
+        _markdown(title, subtitle, metric_t, sae_t, train_t, speed_t, figures, feat, status, order, study_md),
     )
     fig = {stem: (title_, png, missing) for stem, title_, png, missing in figures}
     tabs = [
+        (
+            "study",
+            "Study",
+            H.paragraphs_html(verdict) + H.table_html(pareto_t) + H.figure_html(*fig["pareto"]),
+        ),
         ("metrics", "Metrics", H.table_html(metric_t) + H.table_html(sae_t)),
         ("training", "Training", H.figure_html(*fig["training_curves"]) + H.table_html(train_t)),
         ("speed", "Speed", H.table_html(speed_t)),
@@ -144,13 +160,16 @@ def _markdown(
     feat: dict[str, Any] | None,
     status: str,
     order: list[str],
+    study_md: list[str],
 ) -> str:
-    parts = [f"# {title}\n\n{subtitle}\n", "## Metrics\n", M.table_md(metric_t), M.table_md(sae_t)]
     by_stem = {stem: (t, png, missing) for stem, t, png, missing in figures}
 
     def fig_md(stem: str) -> str:
         t, png, missing = by_stem[stem]
         return M.figure_md(t, f"{FIGURES_DIR}/{stem}.png" if png is not None else None, missing)
+
+    parts = [f"# {title}\n\n{subtitle}\n", *study_md, fig_md("pareto")]
+    parts += ["## Metrics\n", M.table_md(metric_t), M.table_md(sae_t)]
 
     parts += ["## Training\n", fig_md("training_curves"), M.table_md(train_t)]
     parts += ["## Speed\n", M.table_md(speed_t)]

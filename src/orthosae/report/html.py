@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 from typing import Any
 
 from orthosae.report.tables import Table, fmt
@@ -65,6 +66,23 @@ def table_html(table: Table) -> str:
         out.append(f"<tr{cls}>{cells}</tr>")
     out.append("</tbody></table>")
     return "\n".join(out)
+
+
+def paragraphs_html(paragraphs: list[str]) -> str:
+    """Markdown-lite paragraphs (the verdict): **bold**, and lines starting with "- " as a list."""
+
+    def inline(text: str) -> str:
+        return re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", html.escape(text))
+
+    out = []
+    for para in paragraphs:
+        lines = para.split("\n")
+        items = [ln[2:] for ln in lines if ln.startswith("- ")]
+        text = " ".join(ln for ln in lines if ln and not ln.startswith("- "))
+        out.append(f"<p>{inline(text)}</p>" if text else "")
+        if items:
+            out.append("<ul>" + "".join(f"<li>{inline(i)}</li>" for i in items) + "</ul>")
+    return "".join(out)
 
 
 def figure_html(title: str, png: bytes | None, missing: str) -> str:

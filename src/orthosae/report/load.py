@@ -45,6 +45,7 @@ class Experiment:
     saes: dict[str, SAERun]
     speed: dict[str, Any] | None
     warnings: list[str] = field(default_factory=list)
+    synthetic: dict[str, Any] | None = None  # the toy-model benchmark at the experiment's λ values
 
     @property
     def name(self) -> str:
@@ -157,7 +158,10 @@ def load_experiment(exp_dir: str | Path) -> Experiment:
         )
     if not saes:
         raise UserError(f"{path} holds no SAEs (expected {SAES_DIR}/<name>/ or results.json)")
-    return Experiment(path=path, config=config, saes=saes, speed=speed)
+    synthetic = read_json(path / "synthetic.json")
+    if synthetic is not None and not isinstance(synthetic, dict):
+        raise UserError(f"{path / 'synthetic.json'} must hold a JSON object")
+    return Experiment(path=path, config=config, saes=saes, speed=speed, synthetic=synthetic)
 
 
 def order_saes(names: list[str], baseline: str) -> list[str]:

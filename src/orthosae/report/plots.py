@@ -176,3 +176,84 @@ def coactive_cos2(features: dict[str, Any] | None, baseline: str) -> Figure | No
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return fig
+
+
+def pareto(study: Any, synthetic: dict[str, Any] | None) -> Figure | None:
+    """Absorption fraction against EV and against CE-loss score, one small point per SAE (its own eval
+    interval) and one large point per variant (mean over seeds, study interval); beside them, the toy-model
+    benchmark's exact absorption against λ."""
+    variants = [v for v in study.variants.values() if v.points["absorption"]]
+    if not variants:
+        return None
+    panels = [("explained_variance", "explained variance"), ("ce_loss_score", "CE-loss score")]
+    syn = _synthetic_curve(synthetic)
+    fig = Figure(figsize=(4.2 * (len(panels) + bool(syn)), 3.6), layout="constrained")
+    axes = fig.subplots(1, len(panels) + bool(syn), squeeze=False)[0]
+    colors = _colors([v.name for v in variants])
+    for ax, (metric, label) in zip(axes, panels, strict=False):
+        for v in variants:
+            est = study.estimates[v.name]
+            pairs = list(zip(v.points[metric], v.points["absorption"], strict=False))
+            for px, py in pairs:
+                ax.errorbar(
+                    px.value, py.value, xerr=_err(px.se), yerr=_err(py.se),
+                    fmt="o", ms=3, alpha=0.45, color=colors[v.name], lw=0.8,
+                )  # fmt: skip
+            if metric in est and "absorption" in est:
+                ex, ey = est[metric], est["absorption"]
+                ax.errorbar(
+                    ex.value, ey.value, xerr=ex.q * ex.se, yerr=ey.q * ey.se,
+                    fmt="D", ms=7, color=colors[v.name], lw=1.6, capsize=3, label=_variant_label(v),
+                )  # fmt: skip
+        ax.set_xlabel(f"{label} (higher is better)")
+        ax.set_ylabel("absorption fraction (lower is better)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    if syn:
+        ax = axes[-1]
+        base, curve = syn
+        xs = [x for x, _, _ in curve]
+        ax.errorbar(xs, [m for _, m, _ in curve], yerr=[s for _, _, s in curve], fmt="o-", capsize=3,
+                    label="TopK + orth")  # fmt: skip
+        if base is not None:
+            ax.axhspan(base[0] - base[1], base[0] + base[1], color="grey", alpha=0.25)
+            ax.axhline(base[0], color="grey", ls="--", label="TopK (no penalty)")
+        ax.set_xscale("log")
+        ax.set_xlabel("λ")
+        ax.set_ylabel("exact absorption rate (toy model)")
+        ax.set_title("toy model with known features (mean ± sd over seeds)", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return fig
+
+
+def _err(se: float | None) -> float | None:
+    return None if se is None else 1.959964 * se
+
+
+def _variant_label(v: Any) -> str:
+    lam = f", λ={v.orth_lambda:g}" if v.orth_lambda is not None else ""
+    return f"{v.name} ({v.arch}{lam}, {len(v.saes)} seed{'s' if len(v.saes) > 1 else ''})"
+
+
+def _synthetic_curve(
+    synthetic: dict[str, Any] | None,
+) -> tuple[tuple[float, float] | None, list[tuple[float, float, float]]] | None:
+    """((baseline mean, sd) or None, [(λ, mean, sd)]) of the toy benchmark's absorption rate."""
+    summary = (synthetic or {}).get("summary")
+    runs = (synthetic or {}).get("runs")
+    if not isinstance(summary, dict) or not isinstance(runs, list):
+        return None
+    lam_of = {r.get("variant"): r.get("orth_lambda") for r in runs if isinstance(r, dict)}
+    base, curve = None, []
+    for name, stats in summary.items():
+        rate = stats.get("absorption_rate") if isinstance(stats, dict) else None
+        mean, sd = finite((rate or {}).get("mean")), finite((rate or {}).get("std"))
+        if mean is None:
+            continue
+        lam = finite(lam_of.get(name))
+        if lam is None:
+            base = (mean, sd or 0.0)
+        elif lam > 0:
+            curve.append((lam, mean, sd or 0.0))
+    return (base, sorted(curve)) if curve else None

@@ -1,0 +1,92 @@
+"""`orthosae run` end to end on a tiny model: seeds, the study report, and reuse of SAEs and evaluations."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest_models import SAMPLE_TEXTS, save_tiny_model, write_jsonl
+from orthosae.eval.results import SECTION_KEYS
+from orthosae.experiment.config import load_experiment
+from orthosae.experiment.run import run_experiment
+
+CORE = SECTION_KEYS["core"]
+
+
+def _write(root: Path, extra_saes: str = "", recon_batches: int = 1) -> Path:
+    model = root / "model"
+    if not model.exists():
+        save_tiny_model(model, "llama", n_layers=3)
+    corpus = root / "corpus.jsonl"
+    if not corpus.exists():
+        write_jsonl(corpus, SAMPLE_TEXTS)
+    toml = root / "exp.toml"
+    toml.write_text(
+        f'name = "tiny"\nout = "{root / "run"}"\nmodel = "{model}"\nlayer = 1\ntokens = 1500\n'
+        f'corpus = "{corpus}"\ncontext_size = 32\ncache = "{root / "cache"}"\nevals = "core"\n'
+        'baseline = "topk"\nspeed_steps = 0\nreport_feature_tokens = 300\nprogress = false\n'
+        "[train]\nd_sae = 64\nk = 4\nsteps = 12\nbatch_size = 64\nlog_every = 4\n"
+        "[saes.topk]\nseeds = 2\n"
+        '[saes."orth-0.1"]\north = true\north_lambda = 0.1\n'
+        f"{extra_saes}"
+        f'[eval.core]\ndataset = "{corpus}"\ncontext_size = 32\nbatch_size_prompts = 4\n'
+        f"n_eval_reconstruction_batches = {recon_batches}\nn_eval_sparsity_variance_batches = 2\n"
+        "[eval.synthetic]\nsteps = 30\nseeds = 2\nn_test = 500\n"
+    )
+    return toml
+
+
+def _mtimes(run: Path, name: str) -> dict[str, int]:
+    return {f: (run / "saes" / name / f).stat().st_mtime_ns for f in ("sae.safetensors", "eval.json")}
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("study")
+    run_experiment(load_experiment(_write(root)))
+    return root
+
+
+def test_study_trains_seeds_evaluates_and_reports(tiny_study: Path):
+    run = tiny_study / "run"
+    assert sorted(p.name for p in (run / "saes").iterdir()) == ["orth-0.1", "topk", "topk-seed2"]
+    cfgs = {n: json.loads((run / "saes" / n / "cfg.json").read_text()) for n in ("topk", "topk-seed2")}
+    assert [c["training"]["init_seed"] for c in cfgs.values()] == [42, 43]
+    assert (run / "saes" / "topk" / "sae.safetensors").read_bytes() != (
+        run / "saes" / "topk-seed2" / "sae.safetensors"
+    ).read_bytes()
+    synthetic = json.loads((run / "synthetic.json").read_text())
+    assert set(synthetic["summary"]) == {"topk", "topk+orth λ=0.1"}
+    report = (run / "report.md").read_text()
+    study_part = report[report.index("## Study") : report.index("## Metrics")]
+    assert "Seeds per variant: topk 2, orth-0.1 1" in study_part
+    assert "| topk | topk | — | 2 |" in study_part  # the Pareto table's baseline row
+    assert (run / "figures" / "training_curves.png").exists()
+    assert 'id="study"' in (run / "report.html").read_text()
+
+
+def test_rerun_reuses_and_adding_a_variant_trains_and_evaluates_only_it(tiny_study: Path, capsys):
+    run = tiny_study / "run"
+    before = {n: _mtimes(run, n) for n in ("topk", "topk-seed2", "orth-0.1")}
+    capsys.readouterr()
+    run_experiment(load_experiment(_write(tiny_study, '[saes."orth-1"]\north = true\north_lambda = 1.0\n')))
+    out = capsys.readouterr().out
+    assert "-- evaluating orth-1: core" in out and out.count("-- evaluating") == 1
+    assert {n: _mtimes(run, n) for n in before} == before
+    assert (run / "saes" / "orth-1" / "eval.json").exists()
+
+
+def test_changed_eval_settings_redo_that_eval(tiny_study: Path, capsys):
+    run = tiny_study / "run"
+    old = json.loads((run / "saes" / "topk" / "eval.json").read_text())[CORE]
+    capsys.readouterr()
+    run_experiment(load_experiment(_write(tiny_study, recon_batches=2)), report=False)
+    out = capsys.readouterr().out
+    assert out.count("-- evaluating") == 3  # orth-1 was dropped from the file again: the other three
+    new = json.loads((run / "saes" / "topk" / "eval.json").read_text())[CORE]
+    assert (
+        old["eval_cfg"]["n_eval_reconstruction_batches"],
+        new["eval_cfg"]["n_eval_reconstruction_batches"],
+    ) == (1, 2)
