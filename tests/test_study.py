@@ -142,7 +142,7 @@ def test_verdict_names_the_lambda_that_lowers_absorption_with_its_numbers():
     assert "512,000 tokens (5.1% of the seed experiment's 10M)" in text
     d = st.diff("orth-0.1", "absorption")
     assert d is not None and f"{d.value:+.3f}" in text
-    assert "'relu' (relu, L0 180" in text and "not a like-for-like" in text
+    assert "'relu' (relu, L0 180) reads absorption 0.290" in text and "not like for like" in text
 
 
 def test_verdict_says_no_effect_when_the_reduction_costs_too_much_ce_or_is_noise():

@@ -46,7 +46,11 @@ def estimate_seconds(exp: Experiment, cache_ready: bool) -> dict[str, float]:
 
 def _step_seconds(t: TrainConfig) -> float:
     d_in = 576  # refined once the cache is open; the estimate only needs the order of magnitude
-    return STEP_SECONDS_PER_GFLOP * t.batch_size * d_in * t.d_sae / 1e9 * (1.1 if t.orth else 1.0)
+    # The co-activation penalty costs O(B·k²·d) on top (measured ≈ 1.7× the GEMM's cost per unit); the
+    # ReLU SAE's dense backward ≈ 2.4× TopK's step.
+    gemm = t.batch_size * d_in * t.d_sae / 1e9 * (2.4 if t.arch == "relu" else 1.0)
+    penalty = 1.7 * t.batch_size * t.k**2 * d_in / 1e9 if t.penalty_kind() == "coactive" else 0.0
+    return STEP_SECONDS_PER_GFLOP * (gemm + penalty)
 
 
 def run_experiment(
@@ -198,7 +202,7 @@ def _synthetic(exp: Experiment, out: Path) -> None:
 
     from orthosae.eval import synthetic
 
-    lambdas = sorted({t.orth_lambda for t in exp.saes.values() if t.orth})
+    lambdas = sorted({t.orth_lambda for t in exp.saes.values() if t.penalty_kind() == "coactive"})
     from orthosae.eval.runner import build_config
 
     table = {"orth_lambdas": ",".join(f"{v:g}" for v in lambdas) or "0.001"} | exp.eval_tables.get(

@@ -166,7 +166,8 @@ def sae_point(exp: Experiment, sae: str, metric: str) -> Point | None:
 def _describe(exp: Experiment, saes: list[str]) -> tuple[str | None, float | None, int | None]:
     cfg = exp.saes[saes[0]].cfg or {}
     orth = cfg.get("orthogonality")
-    lam = finite(orth.get("lambda")) if isinstance(orth, dict) else None
+    coactive = isinstance(orth, dict) and orth.get("kind", "coactive") == "coactive"  # OrtSAE's has no λ
+    lam = finite(orth.get("lambda")) if coactive and isinstance(orth, dict) else None
     training = cfg.get("training") if isinstance(cfg.get("training"), dict) else {}
     tokens = finite((training or {}).get("tokens_seen"))
     return cfg.get("arch"), lam, None if tokens is None else int(tokens)
@@ -263,19 +264,24 @@ def verdict(study: Study) -> list[str]:
         + "\n".join(f"- {line}" for line in lines)
     )
     others = [v for v in study.variants.values() if v.name != base.name and v not in penalised]
-    for v in others:
-        est = study.estimates.get(v.name, {})
-        if "absorption" in est:
-            l0 = est.get("l0")
-            out.append(
-                f"For reference, '{v.name}' ({v.arch}{f', L0 {l0.value:.0f}' if l0 else ''}; the baseline's "
-                f"L0 is {base_est['l0'].value:.0f}) reads absorption {_iv(est['absorption'])}"
-                + (f", CE-loss score {_iv(est['ce_loss_score'])}" if "ce_loss_score" in est else "")
-                + "; at a different L0 it is not a like-for-like comparison."
-                if "l0" in base_est
-                else f"For reference, '{v.name}' reads absorption {_iv(est['absorption'])}."
-            )
+    out += [line for v in others if (line := _reference(study, base, v))]
     return out
+
+
+def _reference(study: Study, base: Variant, v: Variant) -> str | None:
+    """One sentence on a variant that is not a λ of the penalty (another architecture or penalty)."""
+    est, base_est = study.estimates.get(v.name, {}), study.estimates[base.name]
+    if "absorption" not in est:
+        return None
+    d_abs, d_ce = study.diff(v.name, "absorption"), study.diff(v.name, "ce_loss_score")
+    l0, l0_base = est.get("l0"), base_est.get("l0")
+    text = f"For reference, '{v.name}' ({v.arch}{f', L0 {l0.value:.0f}' if l0 else ''}) reads absorption "
+    text += _iv(est["absorption"]) + (f" (Δ {_d(d_abs)})" if d_abs else "")
+    if "ce_loss_score" in est:
+        text += f", CE-loss score {_iv(est['ce_loss_score'])}" + (f" (Δ {_d(d_ce)})" if d_ce else "")
+    if l0 and l0_base and abs(l0.value - l0_base.value) > 0.05 * l0_base.value:
+        text += f"; at L0 {l0.value:.0f} against the baseline's {l0_base.value:.0f} it is not like for like"
+    return text + "."
 
 
 def _setup(study: Study, base: Variant) -> str:
