@@ -168,12 +168,15 @@ def test_full_report(experiment: Path) -> None:
     assert "unlearning.unlearning_score" in text and "not run" in text
     assert "preserved (✓)" in text
     assert "orth/masked_dense" in text and "20.00×" in text and "9.00×" in text  # ratio computed if absent
-    for stem in ("training_curves", "absorption_by_letter", "sparse_probing_vs_k", "coactive_cos2"):
+    for stem in ("pareto", "training_curves", "absorption_by_letter", "sparse_probing_vs_k", "coactive_cos2"):
         png = experiment / "figures" / f"{stem}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", stem
         assert f"](figures/{stem}.png)" in text
     # Self-contained: data-URI images and inline SVG, nothing fetched.
-    assert html.count('src="data:image/png;base64,') == 4 and "<svg" in html
+    assert html.count('src="data:image/png;base64,') == 5 and "<svg" in html
+    # The study opens the report: a verdict from the numbers and the Pareto table.
+    assert text.index("## Study") < text.index("## Metrics") and "**Verdict:**" in text
+    assert "| variant | arch | λ | seeds | absorption fraction |" in text
     for external in ('src="http', 'href="http', "<link", "@import", "url("):
         assert external not in html
     feats = json.loads((experiment / "features.json").read_text())

@@ -84,8 +84,8 @@ def test_report_renders_in_chromium(tmp_path: Path) -> None:
     assert console_lines(result.stderr) == []
     dom = _DomCounter()
     dom.feed(result.stdout)
-    assert "js" in dom.body_classes and dom.active_tabs == ["metrics"]  # the tab script ran
-    assert dom.tables >= 5 and dom.data_imgs == 4 and dom.svgs >= 10
+    assert "js" in dom.body_classes and dom.active_tabs == ["study"]  # the tab script ran
+    assert dom.tables >= 6 and dom.data_imgs == 5 and dom.svgs >= 10
     shot = tmp_path / "report.png"
     result = chromium(page, tmp_path / "profile2", f"--screenshot={shot}", "--window-size=1280,1600")
     assert shot.is_file(), result.stderr[-2000:]
