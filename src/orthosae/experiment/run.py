@@ -24,7 +24,7 @@ STEP_SECONDS_PER_GFLOP = 0.045  # one training step ≈ this × (B·d·n / 1e9)
 # thread: core 91 s for the first SAE, then 30 s each; absorption (3000 words) 435 s, then 2.5 s each.
 EVAL_SECONDS = {
     "core": (40.0, 20.0),
-    "absorption": (260.0, 3.0),
+    "absorption": (340.0, 3.0),
     "sparse_probing": (350.0, 40.0),
     "unlearning": (150.0, 150.0),
 }
