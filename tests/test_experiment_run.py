@@ -30,6 +30,8 @@ def _write(root: Path, extra_saes: str = "", recon_batches: int = 1) -> Path:
         "[train]\nd_sae = 64\nk = 4\nsteps = 12\nbatch_size = 64\nlog_every = 4\n"
         "[saes.topk]\nseeds = 2\n"
         '[saes."orth-0.1"]\north = true\north_lambda = 0.1\n'
+        '[saes.matryoshka]\narch = "matryoshka"\nmatryoshka_fractions = "1/4,3/4"\n'
+        '[saes.ortsae]\north_kind = "ortsae"\n'
         f"{extra_saes}"
         f'[eval.core]\ndataset = "{corpus}"\ncontext_size = 32\nbatch_size_prompts = 4\n'
         f"n_eval_reconstruction_batches = {recon_batches}\nn_eval_sparsity_variance_batches = 2\n"
@@ -51,7 +53,8 @@ def tiny_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_study_trains_seeds_evaluates_and_reports(tiny_study: Path):
     run = tiny_study / "run"
-    assert sorted(p.name for p in (run / "saes").iterdir()) == ["orth-0.1", "topk", "topk-seed2"]
+    names = ["matryoshka", "orth-0.1", "ortsae", "topk", "topk-seed2"]
+    assert sorted(p.name for p in (run / "saes").iterdir()) == names
     cfgs = {n: json.loads((run / "saes" / n / "cfg.json").read_text()) for n in ("topk", "topk-seed2")}
     assert [c["training"]["init_seed"] for c in cfgs.values()] == [42, 43]
     assert (run / "saes" / "topk" / "sae.safetensors").read_bytes() != (
@@ -61,7 +64,7 @@ def test_study_trains_seeds_evaluates_and_reports(tiny_study: Path):
     assert set(synthetic["summary"]) == {"topk", "topk+orth λ=0.1"}
     report = (run / "report.md").read_text()
     study_part = report[report.index("## Study") : report.index("## Metrics")]
-    assert "Seeds per variant: topk 2, orth-0.1 1" in study_part
+    assert "Seeds per variant: topk 2, orth-0.1 1, matryoshka 1, ortsae 1" in study_part
     assert "| topk | topk | — | 2 |" in study_part  # the Pareto table's baseline row
     assert (run / "figures" / "training_curves.png").exists()
     assert 'id="study"' in (run / "report.html").read_text()
@@ -69,7 +72,7 @@ def test_study_trains_seeds_evaluates_and_reports(tiny_study: Path):
 
 def test_rerun_reuses_and_adding_a_variant_trains_and_evaluates_only_it(tiny_study: Path, capsys):
     run = tiny_study / "run"
-    before = {n: _mtimes(run, n) for n in ("topk", "topk-seed2", "orth-0.1")}
+    before = {n: _mtimes(run, n) for n in ("topk", "topk-seed2", "orth-0.1", "matryoshka", "ortsae")}
     capsys.readouterr()
     run_experiment(load_experiment(_write(tiny_study, '[saes."orth-1"]\north = true\north_lambda = 1.0\n')))
     out = capsys.readouterr().out
@@ -84,7 +87,7 @@ def test_changed_eval_settings_redo_that_eval(tiny_study: Path, capsys):
     capsys.readouterr()
     run_experiment(load_experiment(_write(tiny_study, recon_batches=2)), report=False)
     out = capsys.readouterr().out
-    assert out.count("-- evaluating") == 3  # orth-1 was dropped from the file again: the other three
+    assert out.count("-- evaluating") == 5  # orth-1 was dropped from the file again: the other five
     new = json.loads((run / "saes" / "topk" / "eval.json").read_text())[CORE]
     assert (
         old["eval_cfg"]["n_eval_reconstruction_batches"],
