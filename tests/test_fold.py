@@ -46,3 +46,20 @@ def test_topk_and_unit_norm_saes_are_returned_as_is():
     relu.normalize_decoder_()
     assert folded(relu) is relu
     assert fold_record(relu)["decoder_norms_folded"] is False
+
+
+def test_jumprelu_fold_scales_its_thresholds():
+    from orthosae.sae.jumprelu import JumpReLUSAE
+
+    g = torch.Generator().manual_seed(2)
+    sae = JumpReLUSAE(8, 20, generator=g)
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(20, 1, generator=g) * 2 + 0.05)
+        sae.threshold.copy_(torch.rand(20, generator=g) * 0.3)
+        sae.b_enc.copy_(torch.randn(20, generator=g) * 0.1)
+    f = folded(sae)
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(f.reconstruct(x), sae.reconstruct(x), rtol=1e-5, atol=1e-6)
+    n = sae.W_dec.norm(dim=1)
+    torch.testing.assert_close(f.encode(x), sae.encode(x) * n, rtol=1e-5, atol=1e-6)
+    assert (f.encode(x) > 0).sum() == (sae.encode(x) > 0).sum() > 0  # the same latents fire

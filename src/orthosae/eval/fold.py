@@ -4,8 +4,10 @@
 A latent's value then measures how far the reconstruction moves along a unit direction, and latents of one
 SAE (or of two SAEs) are comparable. For an SAE whose latent i is relu(pre_i) with pre_i linear in x,
 scaling W_enc[:, i] and b_enc[i] by n_i = ‖W_dec[i]‖ and W_dec[i] by 1/n_i leaves the reconstruction
-exactly unchanged (relu(n·a) = n·relu(a) for n > 0). For TopK the selection would change (it ranks the
-scaled pre-activations), but TopK decoders are unit norm by construction, so nothing is done there.
+exactly unchanged (relu(n·a) = n·relu(a) for n > 0). A JumpReLU latent z·1[z > θ_i] stays exact when θ_i is
+scaled with it. For TopK and the BatchTopK family the selection would change (it ranks the scaled
+pre-activations, or compares them with one shared threshold), but their decoders are unit norm by
+construction, so nothing is done there.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from orthosae.sae import SAE
 
 UNIT_NORM_TOL = 1e-3
+RANKED = ("topk", "batchtopk", "matryoshka")  # selection compares latents: folding would change it
 
 
 def decoder_norms(sae: SAE) -> torch.Tensor:
@@ -34,7 +37,7 @@ def needs_folding(sae: SAE, tol: float = UNIT_NORM_TOL) -> bool:
 def folded(sae: SAE) -> SAE:
     """A copy of `sae` with decoder norms folded into the encoder (the SAE itself is not changed).
     Rows of zero norm are left as they are (their latent never reaches the output)."""
-    if getattr(sae, "arch", "") == "topk" or not needs_folding(sae):
+    if getattr(sae, "arch", "") in RANKED or not needs_folding(sae):
         return sae
     out = copy.deepcopy(sae)
     n = decoder_norms(sae).to(out.W_dec.dtype)
@@ -42,13 +45,16 @@ def folded(sae: SAE) -> SAE:
     out.W_enc.mul_(scale.unsqueeze(0))
     out.b_enc.mul_(scale)
     out.W_dec.div_(scale.unsqueeze(1))
+    threshold = getattr(out, "threshold", None)
+    if isinstance(threshold, torch.Tensor) and threshold.shape == scale.shape:  # JumpReLU's per-latent θ
+        threshold.mul_(scale)
     return out
 
 
 def fold_record(sae: SAE) -> dict[str, object]:
     """What the eval config records about folding."""
     n = decoder_norms(sae)
-    did = getattr(sae, "arch", "") != "topk" and needs_folding(sae)
+    did = getattr(sae, "arch", "") not in RANKED and needs_folding(sae)
     return {
         "decoder_norms_folded": did,
         "decoder_norm_min": float(n.min()) if n.numel() else None,
