@@ -53,6 +53,12 @@ OURS = (
     "orth_pairwise_shared",
     "orth_sparse",
     "orth_masked_dense",
+    # The other architectures' steps (each from its own module; the trainer does not branch on it).
+    "arch_relu",
+    "arch_batchtopk",
+    "arch_matryoshka",
+    "arch_jumprelu",
+    "arch_batchtopk_orth",
 )
 
 
@@ -81,6 +87,14 @@ def _ours_trainer(case: str, d: int, n: int, k: int, b: int, **kw: Any) -> Any:
     from orthosae.train.config import TrainConfig
     from orthosae.train.trainer import Trainer
 
+    if case.startswith("arch_"):
+        arch = case.removeprefix("arch_").removesuffix("_orth")
+        steps = kw.pop("steps", 10**6)
+        cfg = TrainConfig(
+            activations="bench.npy", d_sae=n, k=k, batch_size=b, steps=steps, arch=arch,  # type: ignore[arg-type]
+            orth=case.endswith("_orth"), **kw,
+        )  # fmt: skip
+        return Trainer(cfg, d)
     orth = case.startswith("orth_")
     shared = case.endswith("_shared")
     compiled = case.endswith("_compile")
@@ -302,6 +316,11 @@ LABELS = {
     "orth_sparse": "(c) ours TopK+orth sparse",
     "orth_masked_dense": "(c) ours TopK+orth masked_dense",
     "dl": "(d) dictionary_learning TopKTrainer.update",
+    "arch_relu": "    ReLU + L1 step",
+    "arch_batchtopk": "    BatchTopK step",
+    "arch_matryoshka": "    Matryoshka BatchTopK step",
+    "arch_jumprelu": "    JumpReLU step",
+    "arch_batchtopk_orth": "    BatchTopK+orth pairwise",
 }
 
 
