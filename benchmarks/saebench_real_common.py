@@ -23,30 +23,13 @@ if str(ROOT / "tests") not in sys.path:  # tests/saebench_peer.py: the peer venv
 
 from orthosae.eval.fold import folded  # noqa: E402
 from orthosae.sae import SAE  # noqa: E402
+from saebench_peer import MAIN_PY_STUBS  # noqa: E402
 
-# Python for the peer venv: imports SAEBench's main.py modules (they import sae_lens submodules the stub
-# packages lack: each becomes an empty placeholder module, as tests/test_unlearning_saebench.py does) and
-# defines the stand-in SAE built from `inputs["saes"][name]`.
-PEER_PRELUDE = r"""
-import importlib.abc, importlib.machinery, sys, types
-
-class _StubSubmodules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("sae_lens", "transformer_lens") and "." in name:
-            return importlib.machinery.ModuleSpec(name, self, is_package=True)
-        return None
-    def create_module(self, spec):
-        module = types.ModuleType(spec.name)
-        module.__path__ = []
-        module.__getattr__ = sys.modules["sae_lens"].__getattr__
-        return module
-    def exec_module(self, module):
-        pass
-
-sys.meta_path.append(_StubSubmodules())
-_sel = types.ModuleType("sae_selection_utils")
-_sel.get_saes_from_regex = None
-sys.modules["sae_bench.sae_bench_utils.sae_selection_utils"] = _sel
+# Python for the peer venv: the stubs SAEBench's main.py modules need (saebench_peer.MAIN_PY_STUBS), then
+# the stand-in SAE built from `inputs["saes"][name]`.
+PEER_PRELUDE = (
+    MAIN_PY_STUBS
+    + r"""
 torch.set_num_threads(1)
 
 class _Cfg:
@@ -72,6 +55,7 @@ class StandInSAE:
 SAES = {name: StandInSAE(w) for name, w in inputs["saes"].items()}
 outputs["encode_check"] = {name: SAES[name].encode(inputs["encode_probe"]) for name in SAES}
 """
+)
 
 
 def sae_weights(sae: SAE) -> dict[str, Any]:

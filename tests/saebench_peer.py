@@ -54,6 +54,32 @@ def peer_python() -> Path:
     return python
 
 
+# Python for a peer script that imports SAEBench's main.py modules: those import submodules of sae_lens
+# (pretrained-SAE directories) that the stub packages lack, and the functions called never use them, so
+# each becomes an empty module of placeholders; main.py's SAE-selection helper (sae_lens's pretrained SAEs)
+# is used only by its CLI. Prepend it to the script given to run_saebench.
+MAIN_PY_STUBS = """
+import importlib.abc, importlib.machinery, sys, types
+
+class _StubSubmodules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("sae_lens", "transformer_lens") and "." in name:
+            return importlib.machinery.ModuleSpec(name, self, is_package=True)
+        return None
+    def create_module(self, spec):
+        module = types.ModuleType(spec.name)
+        module.__path__ = []
+        module.__getattr__ = sys.modules["sae_lens"].__getattr__
+        return module
+    def exec_module(self, module):
+        pass
+
+sys.meta_path.append(_StubSubmodules())
+_sel = types.ModuleType("sae_selection_utils")
+_sel.get_saes_from_regex = None
+sys.modules["sae_bench.sae_bench_utils.sae_selection_utils"] = _sel
+"""
+
 _PRELUDE = """
 import sys, torch
 sys.path.insert(0, {stubs!r})

@@ -31,7 +31,7 @@ from orthosae.eval.unlearning_score import (
     select_features,
     survives_all_orderings,
 )
-from saebench_peer import run_saebench
+from saebench_peer import MAIN_PY_STUBS, run_saebench
 
 LETTERS8 = ["A", "B", "C", "D", " A", " B", " C", " D"]  # SAEBench's answer strings for Gemma: ids 0..7
 BOS, EOS, PAD, VOCAB = 8, 9, 10, 12
@@ -48,28 +48,10 @@ def gemma_wrap(text: str) -> str:
     return f"<bos><start_of_turn>user\n{text}<end_of_turn>\n<start_of_turn>model\n"
 
 
-PEER = """
-import importlib.abc, importlib.machinery, os, pickle, sys, types
-
-class _StubSubmodules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    # SAEBench's main.py imports submodules of sae_lens (pretrained-SAE directories) that the stub packages
-    # lack; the functions called here never use them, so each becomes an empty module of placeholders.
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("sae_lens", "transformer_lens") and "." in name:
-            return importlib.machinery.ModuleSpec(name, self, is_package=True)
-        return None
-    def create_module(self, spec):
-        module = types.ModuleType(spec.name)
-        module.__path__ = []
-        module.__getattr__ = sys.modules["sae_lens"].__getattr__
-        return module
-    def exec_module(self, module):
-        pass
-
-sys.meta_path.append(_StubSubmodules())
-# main.py's SAE-selection helper lists sae_lens's pretrained SAEs when imported; only its CLI uses it.
-sys.modules["sae_bench.sae_bench_utils.sae_selection_utils"] = types.ModuleType("sae_selection_utils")
-sys.modules["sae_bench.sae_bench_utils.sae_selection_utils"].get_saes_from_regex = None
+PEER = (
+    MAIN_PY_STUBS
+    + """
+import os, pickle
 import numpy as np
 import sae_bench.evals.unlearning.utils.feature_activation as fa
 import sae_bench.evals.unlearning.utils.metrics as M
@@ -169,6 +151,7 @@ for case, (forget, retain, grid) in inputs["tables"].items():
     scores[case] = float(main.get_unlearning_scores(main.get_metrics_df(folder)))
 outputs["scores"] = scores
 """
+)
 
 GRID = [(t, n, m) for t in (0.001, 0.01) for n in (10, 20) for m in (25, 50, 100, 200)]
 
