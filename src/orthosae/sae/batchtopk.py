@@ -11,7 +11,7 @@ import torch
 from orthosae.losses import reconstruction_loss
 from orthosae.sae import kernels
 from orthosae.sae.base import SAE, SAEOutput
-from orthosae.sae.init import uniform_unit_rows
+from orthosae.sae.init import tied_unit_init_, uniform_unit_rows
 from orthosae.sae.rule import Rule, padded_codes, zero_terms
 
 
@@ -43,10 +43,7 @@ class BatchTopKSAE(SAE):
         self.register_buffer("threshold", torch.tensor(-1.0, dtype=dtype, device=device))
         if generator is not None:
             # dictionary_learning: a default-initialised decoder with unit-norm rows, encoder = its transpose.
-            w = uniform_unit_rows(d_sae, d_in, generator).to(device=device, dtype=dtype)
-            with torch.no_grad():
-                self.W_dec.copy_(w)
-                self.W_enc.copy_(w.T)
+            tied_unit_init_(self, generator, uniform_unit_rows)
 
     def encode(self, x: torch.Tensor, use_threshold: bool = True) -> torch.Tensor:
         """Dense (B, d_sae) latents: every activation above the learned threshold (the inference rule), or

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from orthosae.sae.base import SAE
 
 
 @torch.no_grad()
@@ -36,3 +42,16 @@ def uniform_unit_rows(n: int, d: int, generator: torch.Generator) -> torch.Tenso
     default-initialised (Kaiming-uniform) decoders once normalised, whatever the uniform's bound."""
     w = torch.rand(n, d, generator=generator, dtype=torch.float64) * 2 - 1
     return (w / w.norm(dim=1, keepdim=True)).float()
+
+
+@torch.no_grad()
+def tied_unit_init_(
+    sae: SAE,
+    generator: torch.Generator,
+    rows: Callable[[int, int, torch.Generator], torch.Tensor] = random_unit_rows,
+) -> None:
+    """Unit-norm random decoder rows drawn by `rows`, encoder = decoder transposed (dictionary_learning's
+    TopK family: Gaussian directions for TopK, uniform ones for its BatchTopK and JumpReLU trainers)."""
+    w = rows(sae.d_sae, sae.d_in, generator).to(device=sae.W_dec.device, dtype=sae.W_dec.dtype)
+    sae.W_dec.copy_(w)
+    sae.W_enc.copy_(w.T)

@@ -13,7 +13,7 @@ from torch import nn
 
 from orthosae.losses import reconstruction_loss
 from orthosae.sae.base import SAE, SAEOutput
-from orthosae.sae.init import uniform_unit_rows
+from orthosae.sae.init import tied_unit_init_, uniform_unit_rows
 from orthosae.sae.rule import Rule, padded_codes, zero_terms
 
 INIT_THRESHOLD = 0.001  # the paper's Appendix I, dictionary_learning's default
@@ -94,10 +94,7 @@ class JumpReLUSAE(SAE):
         super().__init__(d_in, d_sae, dtype=dtype, device=device)
         self.threshold = nn.Parameter(torch.full((d_sae,), INIT_THRESHOLD, dtype=dtype, device=device))
         if generator is not None:
-            w = uniform_unit_rows(d_sae, d_in, generator).to(device=device, dtype=dtype)
-            with torch.no_grad():
-                self.W_dec.copy_(w)
-                self.W_enc.copy_(w.T)
+            tied_unit_init_(self, generator, uniform_unit_rows)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """ReLU(z·1[z > θ]) with z = x·W_enc + b_enc: the inference rule."""

@@ -12,7 +12,7 @@ from orthosae.losses import reconstruction_loss
 from orthosae.orthogonality import masked_activations
 from orthosae.sae import kernels
 from orthosae.sae.base import SAE, SAEOutput
-from orthosae.sae.init import random_unit_rows
+from orthosae.sae.init import tied_unit_init_
 from orthosae.sae.rule import Rule, zero_terms
 from orthosae.train import distributed as ddp
 
@@ -72,14 +72,6 @@ class TopKSAE(SAE):
 
     def activation_cfg(self) -> dict[str, object]:
         return {"activation_fn_str": "topk", "activation_fn_kwargs": {"k": self.k}}
-
-
-@torch.no_grad()
-def tied_unit_init_(sae: SAE, generator: torch.Generator) -> None:
-    """Unit-norm random decoder rows, encoder = decoder transposed (dictionary_learning's TopK family)."""
-    w = random_unit_rows(sae.d_sae, sae.d_in, generator).to(device=sae.W_dec.device, dtype=sae.W_dec.dtype)
-    sae.W_dec.copy_(w)
-    sae.W_enc.copy_(w.T)
 
 
 @dataclass
