@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import dataclass
-from typing import Any
 
 from orthosae.eval.uncertainty import standard_error
 from orthosae.report.load import Experiment, finite
@@ -199,6 +198,10 @@ def _d(e: Estimate, digits: int = 3) -> str:
     return f"{e.value:+.{digits}f} [{e.lo:+.{digits}f}, {e.hi:+.{digits}f}]"
 
 
+def _noise(d: Estimate) -> str:
+    return "" if excludes_zero(d) else " (inside the noise)"
+
+
 def _label(v: Variant) -> str:
     return f"λ = {v.orth_lambda:g}" if v.orth_lambda is not None else f"'{v.name}'"
 
@@ -231,9 +234,9 @@ def verdict(study: Study) -> list[str]:
         effect = "lowers" if d_abs.hi < 0 else "raises" if d_abs.lo > 0 else "does not measurably change"
         costs = []
         if d_ce is not None:
-            costs.append(f"CE-loss score Δ {_d(d_ce)}{'' if excludes_zero(d_ce) else ' (inside the noise)'}")
+            costs.append(f"CE-loss score Δ {_d(d_ce)}{_noise(d_ce)}")
         if d_ev is not None:
-            costs.append(f"EV Δ {_d(d_ev)}{'' if excludes_zero(d_ev) else ' (inside the noise)'}")
+            costs.append(f"EV Δ {_d(d_ev)}{_noise(d_ev)}")
         lines.append(
             f"{_label(v)} ({v.n_seeds_text()}) {effect} absorption: {_iv(a0)} → {_iv(est)}, "
             f"Δ {_d(d_abs)}" + (f"; {', '.join(costs)}" if costs else "")
@@ -243,8 +246,7 @@ def verdict(study: Study) -> list[str]:
     if winners:
         _, v, d_abs, d_ce = min(winners, key=lambda w: w[0])
         cost = (
-            f" at a CE-loss score cost of {-d_ce.value:+.3f} [{-d_ce.hi:+.3f}, {-d_ce.lo:+.3f}]"
-            + ("" if excludes_zero(d_ce) else " (inside the noise)")
+            f" at a CE-loss score cost of {-d_ce.value:+.3f} [{-d_ce.hi:+.3f}, {-d_ce.lo:+.3f}]{_noise(d_ce)}"
             if d_ce
             else ""
         )
@@ -299,20 +301,6 @@ def _setup(study: Study, base: Variant) -> str:
             f" Seed-to-seed standard deviation of the absorption fraction: {spread[0]:.3f} ({spread[1]} df)."
         )
     return text + " " + UNCERTAINTY_RULE
-
-
-def pareto_rows(study: Study) -> list[dict[str, Any]]:
-    """One row per variant: its λ, seeds and every metric's estimate (None where missing)."""
-    return [
-        {
-            "variant": v.name,
-            "arch": v.arch,
-            "orth_lambda": v.orth_lambda,
-            "seeds": len(v.saes),
-            **{m: study.estimates.get(v.name, {}).get(m) for m in METRICS},
-        }
-        for v in study.variants.values()
-    ]
 
 
 def late_recon_change(exp: Experiment, saes: list[str]) -> float | None:
