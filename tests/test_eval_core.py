@@ -167,15 +167,20 @@ def _ctx(tiny: LoadedModel, sae: TopKSAE, sae_cfg: dict | None = None) -> EvalCo
     return EvalContext(sae, sae_cfg or {}, "tiny-llama", 1, progress=False, _model=tiny)
 
 
-def test_core_eval_with_identity_sae(tiny: LoadedModel, tmp_path: Path):
+def _small_cfg(tmp_path: Path) -> core.Config:
+    """Two reconstruction and three sparsity batches of 4 contexts × 32 tokens of the sample texts."""
     corpus = write_jsonl(tmp_path / "c.jsonl", SAMPLE_TEXTS)
-    cfg = core.Config(
+    return core.Config(
         dataset=str(corpus),
         context_size=32,
         batch_size_prompts=4,
         n_eval_reconstruction_batches=2,
         n_eval_sparsity_variance_batches=3,
     )
+
+
+def test_core_eval_with_identity_sae(tiny: LoadedModel, tmp_path: Path):
+    cfg = _small_cfg(tmp_path)
     section = core.evaluate(_ctx(tiny, _identity_sae(32)), cfg)
     m = section["metrics"]
     assert m["model_performance_preservation"]["ce_loss_score"] == pytest.approx(1.0, abs=1e-5)
@@ -247,14 +252,7 @@ def test_shared_lm_forwards_give_the_same_results(
     logits are kept for the next SAE or recomputed (over the memory budget)."""
     if not keep_logits:
         monkeypatch.setattr(core, "LOGITS_MEMO_BYTES", 0)
-    corpus = write_jsonl(tmp_path / "c.jsonl", SAMPLE_TEXTS)
-    cfg = core.Config(
-        dataset=str(corpus),
-        context_size=32,
-        batch_size_prompts=4,
-        n_eval_reconstruction_batches=2,
-        n_eval_sparsity_variance_batches=3,
-    )
+    cfg = _small_cfg(tmp_path)
     saes = [TopKSAE(32, 64, 4, generator=torch.Generator().manual_seed(s)) for s in (0, 1)]
     alone = [core.evaluate(_ctx(tiny, sae), cfg)["metrics"] for sae in saes]
     shared: dict = {}

@@ -202,15 +202,13 @@ def _synthetic(exp: Experiment, out: Path) -> None:
     from dataclasses import asdict
 
     from orthosae.eval import synthetic
-
-    lambdas = sorted({t.orth_lambda for t in exp.saes.values() if t.penalty_kind() == "coactive"})
     from orthosae.eval.runner import build_config
 
+    lambdas = sorted({t.orth_lambda for t in exp.saes.values() if t.penalty_kind() == "coactive"})
     table = {"orth_lambdas": ",".join(f"{v:g}" for v in lambdas) or "0.001"} | exp.eval_tables.get(
         "synthetic", {}
     )
     cfg = build_config(synthetic.Config, table, f"{exp.path or 'experiment'} [eval.synthetic]")
-    cfg.validate()
     path = out / "synthetic.json"
     if path.exists():
         try:
