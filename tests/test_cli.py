@@ -37,7 +37,12 @@ def test_train_topk_orth_writes_a_complete_run(cli, acts_file: Path, tmp_path: P
         out,
     )
     assert r.code == 0, r.err
-    assert {p.name for p in out.iterdir()} >= {"sae.safetensors", "cfg.json", "config.toml", "metrics.jsonl"}
+    assert {p.name for p in out.iterdir()} >= {
+        "sae_weights.safetensors",
+        "cfg.json",
+        "config.toml",
+        "metrics.jsonl",
+    }
     cfg = json.loads((out / "cfg.json").read_text())
     assert cfg["arch"] == "topk" and cfg["k"] == 4 and cfg["d_in"] == 16 and cfg["dtype"] == "float32"
     assert cfg["orthogonality"]["L_orth_init"] > 0 and cfg["orthogonality"]["method"] == "pairwise"
@@ -91,11 +96,11 @@ def test_config_replay_is_deterministic(cli, acts_file: Path, tmp_path: Path):
     )
     r = cli("train", "--config", a / "config.toml", "--out", c)
     assert r.code == 0, r.err
-    assert (a / "sae.safetensors").read_bytes() == (c / "sae.safetensors").read_bytes()
+    assert (a / "sae_weights.safetensors").read_bytes() == (c / "sae_weights.safetensors").read_bytes()
     # another seed gives other weights (the comparison above can fail)
     d = tmp_path / "d"
     assert cli("train", "--config", a / "config.toml", "--seed", "8", "--out", d).code == 0
-    assert (a / "sae.safetensors").read_bytes() != (d / "sae.safetensors").read_bytes()
+    assert (a / "sae_weights.safetensors").read_bytes() != (d / "sae_weights.safetensors").read_bytes()
 
 
 def test_safetensors_activations(cli, tmp_path: Path):
@@ -111,11 +116,11 @@ def test_existing_run_is_not_overwritten(cli, acts_file: Path, tmp_path: Path):
     out = tmp_path / "a"
     args = ["train", "--activations", acts_file, "--d-sae", "32", "--k", "3", *FAST, "--out", out]
     assert cli(*args).code == 0
-    before = (out / "sae.safetensors").read_bytes()
+    before = (out / "sae_weights.safetensors").read_bytes()
     assert_one_line_error(cli(*args, "--seed", "3"), "already holds a trained SAE", "--overwrite")
-    assert (out / "sae.safetensors").read_bytes() == before
+    assert (out / "sae_weights.safetensors").read_bytes() == before
     assert cli(*args, "--seed", "3", "--overwrite").code == 0
-    assert (out / "sae.safetensors").read_bytes() != before
+    assert (out / "sae_weights.safetensors").read_bytes() != before
 
 
 def _npy(tmp_path: Path, arr: np.ndarray, name: str = "x.npy") -> Path:
@@ -160,7 +165,7 @@ def test_bad_input_is_one_line_exit_2(cli, tmp_path: Path, make, extra, fragment
         "train", "--activations", path, "--d-sae", "8", "--k", "2", *FAST, "--out", tmp_path / "run", *extra
     )
     assert_one_line_error(r, *fragments)
-    assert not (tmp_path / "run" / "sae.safetensors").exists()
+    assert not (tmp_path / "run" / "sae_weights.safetensors").exists()
 
 
 def test_out_is_a_file(cli, acts_file: Path, tmp_path: Path):

@@ -88,7 +88,7 @@ def _finish(proc: subprocess.Popen[str], timeout: float = 120) -> tuple[int, str
 
 
 def _assert_close(run: Path, ref: Path) -> None:
-    a, b = load_file(run / "sae.safetensors"), load_file(ref / "sae.safetensors")
+    a, b = load_file(run / "sae_weights.safetensors"), load_file(ref / "sae_weights.safetensors")
     assert a.keys() == b.keys()
     for name in a:
         scale = float(b[name].abs().max())
@@ -240,7 +240,9 @@ def test_signal_on_one_rank_stops_all_at_one_step_and_resume_is_exact(
 
     code, _, err = _finish(_torchrun("--resume", out))
     assert code == 0, err
-    assert (out / "sae.safetensors").read_bytes() == (two_rank_orth / "sae.safetensors").read_bytes()
+    assert (out / "sae_weights.safetensors").read_bytes() == (
+        two_rank_orth / "sae_weights.safetensors"
+    ).read_bytes()
     strip = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     ref = [json.loads(line) for line in (two_rank_orth / "metrics.jsonl").read_text().splitlines()]
     for row in (*strip, *ref):

@@ -74,8 +74,12 @@ def test_one_stream_feeds_all_and_matches_training_alone(tmp_path: Path, acts_fi
     }
     outs = train_many(cfgs, progress=False)
     alone = train(_cfg(tmp_path / "alone", acts_file, "orth", orth=True))
-    assert (outs["orth"] / "sae.safetensors").read_bytes() == (alone / "sae.safetensors").read_bytes()
-    assert (outs["topk"] / "sae.safetensors").read_bytes() != (outs["orth"] / "sae.safetensors").read_bytes()
+    assert (outs["orth"] / "sae_weights.safetensors").read_bytes() == (
+        alone / "sae_weights.safetensors"
+    ).read_bytes()
+    assert (outs["topk"] / "sae_weights.safetensors").read_bytes() != (
+        outs["orth"] / "sae_weights.safetensors"
+    ).read_bytes()
     for out in outs.values():
         assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
         events = EventAccumulator(str(out / "tensorboard"))

@@ -41,7 +41,7 @@ def _write(root: Path, extra_saes: str = "", recon_batches: int = 1) -> Path:
 
 
 def _mtimes(run: Path, name: str) -> dict[str, int]:
-    return {f: (run / "saes" / name / f).stat().st_mtime_ns for f in ("sae.safetensors", "eval.json")}
+    return {f: (run / "saes" / name / f).stat().st_mtime_ns for f in ("sae_weights.safetensors", "eval.json")}
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +57,8 @@ def test_study_trains_seeds_evaluates_and_reports(tiny_study: Path):
     assert sorted(p.name for p in (run / "saes").iterdir()) == names
     cfgs = {n: json.loads((run / "saes" / n / "cfg.json").read_text()) for n in ("topk", "topk-seed2")}
     assert [c["training"]["init_seed"] for c in cfgs.values()] == [42, 43]
-    assert (run / "saes" / "topk" / "sae.safetensors").read_bytes() != (
-        run / "saes" / "topk-seed2" / "sae.safetensors"
+    assert (run / "saes" / "topk" / "sae_weights.safetensors").read_bytes() != (
+        run / "saes" / "topk-seed2" / "sae_weights.safetensors"
     ).read_bytes()
     synthetic = json.loads((run / "synthetic.json").read_text())
     assert set(synthetic["summary"]) == {"topk", "topk+orth λ=0.1"}

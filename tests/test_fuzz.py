@@ -91,7 +91,7 @@ def test_config_random_bytes(tmp_path_factory: pytest.TempPathFactory, raw: byte
 def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor], bytes, bytes]:
     sae = TopKSAE(6, 10, 3, generator=torch.Generator().manual_seed(0))
     out = save_sae(sae, tmp_path_factory.mktemp("sae") / "run", {"training": {"steps": 5}})
-    weights, cfg = (out / "sae.safetensors").read_bytes(), (out / "cfg.json").read_bytes()
+    weights, cfg = (out / "sae_weights.safetensors").read_bytes(), (out / "cfg.json").read_bytes()
     return out, {k: v.clone() for k, v in sae.state_dict().items()}, weights, cfg
 
 
@@ -126,7 +126,7 @@ def test_corrupted_sae_files(tmp_path_factory: pytest.TempPathFactory, saved, op
     files = {"weights": weights, "cfg": cfg}
     for which, op in ops:
         files[which], _ = _corrupt(files[which], op)
-    (run / "sae.safetensors").write_bytes(files["weights"])
+    (run / "sae_weights.safetensors").write_bytes(files["weights"])
     (run / "cfg.json").write_bytes(files["cfg"])
     try:
         sae, cfg_out = load_sae(run)
@@ -152,7 +152,7 @@ def test_a_flipped_weight_bit_is_detected(saved, tmp_path: Path):
     _, _, weights, cfg = saved
     raw = bytearray(weights)
     raw[_data_start(weights) + 5] ^= 0x01
-    (tmp_path / "sae.safetensors").write_bytes(bytes(raw))
+    (tmp_path / "sae_weights.safetensors").write_bytes(bytes(raw))
     (tmp_path / "cfg.json").write_bytes(cfg)
     with pytest.raises(UserError):
         load_sae(tmp_path)

@@ -218,7 +218,7 @@ def test_out_in_proc_is_refused(cli, world):
 def test_layer_out_of_range(cli, world, tmp_path: Path):
     r = cli("train", "--model", world["model"], "--layer", "99", *FAST, "--out", tmp_path / "run")
     assert_one_line_error(r, "layer")
-    assert not (tmp_path / "run" / "sae.safetensors").exists()
+    assert not (tmp_path / "run" / "sae_weights.safetensors").exists()
 
 
 def test_model_dir_missing(cli, tmp_path: Path):
@@ -231,7 +231,9 @@ def test_exploding_loss_stops_without_a_non_finite_checkpoint(cli, tmp_path: Pat
     huge = _save(tmp_path / "huge.npy", rows.astype(np.float32))  # finite, but x² overflows
     r = cli("train", "--activations", huge, *FAST, "--checkpoint-every", "1", "--out", tmp_path / "run")
     assert_one_line_error(r, "nan or inf")
-    assert not list_checkpoints(tmp_path / "run") and not (tmp_path / "run" / "sae.safetensors").exists()
+    assert (
+        not list_checkpoints(tmp_path / "run") and not (tmp_path / "run" / "sae_weights.safetensors").exists()
+    )
     r = cli("train", "--activations", huge, *FAST, "--max-skipped-batches", "2", "--out", tmp_path / "run2")
     assert_one_line_error(r, "--max-skipped-batches")
 
@@ -273,7 +275,7 @@ def test_damaged_cache(cli, world, tmp_path: Path, damage, fragment: str):
     damage(cache)
     r = cli("train", "--activations", cache, *FAST, "--batch-size", "400", "--out", tmp_path / "run")
     assert_one_line_error(r, fragment)
-    assert not (tmp_path / "run" / "sae.safetensors").exists()
+    assert not (tmp_path / "run" / "sae_weights.safetensors").exists()
 
 
 CACHE_CASES = [

@@ -10,7 +10,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from orthosae.errors import UserError
-from orthosae.sae import ReLUSAE, TopKSAE, load_sae, save_sae
+from orthosae.sae import BatchTopKSAE, ReLUSAE, TopKSAE, load_sae, save_sae
+from orthosae.sae.io import LEGACY_WEIGHTS_NAME, WEIGHTS_NAME
+
+W = WEIGHTS_NAME
 
 
 def _saved(tmp_path: Path, arch: str = "topk") -> Path:
@@ -26,15 +29,17 @@ def _saved(tmp_path: Path, arch: str = "topk") -> Path:
 def test_round_trip_is_exact(tmp_path: Path, arch: str):
     run = _saved(tmp_path, arch)
     sae, cfg = load_sae(run)
-    tensors = load_file(run / "sae.safetensors")
+    tensors = load_file(run / W)
     for name, t in tensors.items():
         assert torch.equal(getattr(sae, name), t)
     assert cfg["hook_layer"] == 3 and cfg["d_in"] == 8 and cfg["d_sae"] == 32
-    # SAELens layout and names
+    # SAELens layout and names: TopK's threshold is no tensor (SAELens's TopKSAE refuses one)
+    assert sorted(tensors) == ["W_dec", "W_enc", "b_dec", "b_enc"]
     assert tensors["W_enc"].shape == (8, 32) and tensors["W_dec"].shape == (32, 8)
-    assert ("threshold" in tensors) == (arch == "topk")
+    assert cfg["architecture"] == {"topk": "topk", "relu": "standard"}[arch]
+    assert cfg["metadata"]["hook_name"] == "blocks.3.hook_resid_post"
     x = torch.randn(3, 8)
-    again, _ = load_sae(run / "sae.safetensors")
+    again, _ = load_sae(run / W)
     assert torch.equal(again.reconstruct(x), sae.reconstruct(x))
 
 
@@ -49,7 +54,8 @@ def _edit_cfg(run: Path, **changes) -> None:
     [
         ({"d_sae": 64}, "shape"),
         ({"d_in": 9}, "shape"),
-        ({"arch": "relu"}, "unexpected ['threshold']"),
+        ({"arch": "relu"}, "but 'architecture' says 'topk'"),
+        ({"inference_threshold": "high"}, "'inference_threshold' must be a finite number"),
         ({"arch": "gated"}, "'arch' must be one of"),
         ({"k": 0}, "'k' must be a positive integer"),
         ({"k": 99}, "larger than d_sae"),
@@ -75,9 +81,9 @@ def _without_checksum(run: Path) -> None:
 
 def test_checksum_catches_a_flipped_bit(tmp_path: Path):
     run = _saved(tmp_path)
-    blob = bytearray((run / "sae.safetensors").read_bytes())
+    blob = bytearray((run / W).read_bytes())
     blob[-3] ^= 0x04  # inside the tensor data: still a valid, finite file
-    (run / "sae.safetensors").write_bytes(bytes(blob))
+    (run / W).write_bytes(bytes(blob))
     with pytest.raises(UserError, match="does not match the sha256"):
         load_sae(run)
     _without_checksum(run)
@@ -87,8 +93,8 @@ def test_checksum_catches_a_flipped_bit(tmp_path: Path):
 def test_truncated_weights(tmp_path: Path):
     run = _saved(tmp_path)
     _without_checksum(run)
-    blob = (run / "sae.safetensors").read_bytes()
-    (run / "sae.safetensors").write_bytes(blob[: len(blob) // 2])
+    blob = (run / W).read_bytes()
+    (run / W).write_bytes(blob[: len(blob) // 2])
     with pytest.raises(UserError, match="corrupt or truncated"):
         load_sae(run)
 
@@ -96,7 +102,7 @@ def test_truncated_weights(tmp_path: Path):
 def test_garbage_weights(tmp_path: Path):
     run = _saved(tmp_path)
     _without_checksum(run)
-    (run / "sae.safetensors").write_bytes(b"\x00" * 100)
+    (run / W).write_bytes(b"\x00" * 100)
     with pytest.raises(UserError, match="corrupt or truncated"):
         load_sae(run)
 
@@ -117,31 +123,69 @@ def test_missing_and_malformed_cfg(tmp_path: Path):
 def test_missing_paths(tmp_path: Path):
     with pytest.raises(UserError, match="does not exist"):
         load_sae(tmp_path / "nope")
-    with pytest.raises(UserError, match="no sae.safetensors"):
+    with pytest.raises(UserError, match="no sae_weights.safetensors"):
         load_sae(tmp_path)
 
 
 def test_wrong_tensor_dtype_and_nan(tmp_path: Path):
     run = _saved(tmp_path)
     _without_checksum(run)
-    tensors = load_file(run / "sae.safetensors")
-    save_file({**tensors, "W_dec": tensors["W_dec"].half()}, run / "sae.safetensors")
+    tensors = load_file(run / W)
+    save_file({**tensors, "W_dec": tensors["W_dec"].half()}, run / W)
     with pytest.raises(UserError, match="'W_dec' is float16"):
         load_sae(run)
     bad = tensors["W_enc"].clone()
     bad[0, 0] = float("nan")
-    save_file({**tensors, "W_enc": bad}, run / "sae.safetensors")
+    save_file({**tensors, "W_enc": bad}, run / W)
     with pytest.raises(UserError, match="NaN"):
         load_sae(run)
 
 
 def test_save_refuses_non_finite_and_keeps_previous_file(tmp_path: Path):
     run = _saved(tmp_path)
-    before = (run / "sae.safetensors").read_bytes()
+    before = (run / W).read_bytes()
     sae, _ = load_sae(run)
     with torch.no_grad():
         sae.W_dec[0, 0] = float("inf")
     with pytest.raises(UserError, match="NaN or inf"):
         save_sae(sae, run)
-    assert (run / "sae.safetensors").read_bytes() == before
+    assert (run / W).read_bytes() == before
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_topk_and_batchtopk_thresholds_round_trip_exactly(tmp_path: Path):
+    gen = torch.Generator().manual_seed(0)
+    for sae in (TopKSAE(8, 32, 4, generator=gen), BatchTopKSAE(8, 32, 4, generator=gen)):
+        sae.threshold.fill_(0.1234567)
+        save_sae(sae, tmp_path / sae.arch)
+        again, _ = load_sae(tmp_path / sae.arch)
+        assert torch.equal(again.threshold, sae.threshold)
+    # BatchTopK is saved as SAELens's JumpReLU: the one threshold, once per latent
+    assert load_file(tmp_path / "batchtopk" / W)["threshold"].shape == (32,)
+
+
+def test_batchtopk_refuses_per_latent_thresholds_that_differ(tmp_path: Path):
+    save_sae(BatchTopKSAE(8, 32, 4), tmp_path / "b")
+    _without_checksum(tmp_path / "b")
+    tensors = load_file(tmp_path / "b" / W)
+    save_file({**tensors, "threshold": torch.linspace(0, 1, 32)}, tmp_path / "b" / W)
+    with pytest.raises(UserError, match="per-latent thresholds differ; load it as a jumprelu"):
+        load_sae(tmp_path / "b")
+
+
+def test_pre_0_2_run_directories_still_load(tmp_path: Path):
+    """The old layout: sae.safetensors, thresholds as scalar tensors, activation_fn_str keys, no metadata."""
+    gen = torch.Generator().manual_seed(0)
+    for sae in (TopKSAE(8, 32, 4, generator=gen), BatchTopKSAE(8, 32, 4, generator=gen)):
+        run = tmp_path / sae.arch
+        run.mkdir()
+        sae.threshold.fill_(0.25)
+        tensors = {n: getattr(sae, n).detach().contiguous() for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
+        save_file({**tensors, "threshold": sae.threshold.clone()}, run / LEGACY_WEIGHTS_NAME)
+        old = {"arch": sae.arch, "d_in": 8, "d_sae": 32, "k": 4, "architecture": sae.arch, "dtype": "float32"}
+        old |= {"activation_fn_str": "relu", "hook_name": None, "model_name": "m", "hook_layer": 1}
+        (run / "cfg.json").write_text(json.dumps(old))
+        again, cfg = load_sae(run)
+        assert float(again.threshold) == 0.25 and cfg["model_name"] == "m"
+        x = torch.randn(5, 8)
+        assert torch.equal(again.encode(x), sae.encode(x))

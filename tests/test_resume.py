@@ -1,5 +1,5 @@
 """Checkpoints and resume: a run killed at any point (kill -9, SIGTERM, a crash mid-save) and resumed ends
-with the same sae.safetensors bytes as a run that was never interrupted."""
+with the same sae_weights.safetensors bytes as a run that was never interrupted."""
 
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ def _assert_same_run(run: Path, ref: Path) -> None:
         r.pop("tokens_per_s")
     assert [r["step"] for r in rows] == [r["step"] for r in ref_rows]  # no duplicate or missing lines
     assert rows == ref_rows, "metrics differ: the resumed run diverged"
-    assert (run / "sae.safetensors").read_bytes() == (ref / "sae.safetensors").read_bytes()
+    assert (run / "sae_weights.safetensors").read_bytes() == (ref / "sae_weights.safetensors").read_bytes()
     assert not (run / "checkpoints").exists()
 
 
@@ -105,7 +105,7 @@ def test_kill_9_at_a_random_step_then_resume_is_bit_exact(cli, acts: Path, refer
     finally:
         proc.wait()
     assert proc.returncode == -signal.SIGKILL, f"finished before the kill (target step {target})"
-    assert not (out / "sae.safetensors").exists()
+    assert not (out / "sae_weights.safetensors").exists()
     r = cli("train", "--resume", out)
     assert r.code == 0, (target, r.err)
     _assert_same_run(out, reference)

@@ -14,7 +14,7 @@ from orthosae import __version__
 from orthosae.errors import UserError
 
 # Sub-commands in --help order. Add a module under orthosae/commands/ and its name here.
-COMMANDS = ("train", "cache", "run", "sweep", "report", "eval")
+COMMANDS = ("train", "cache", "run", "sweep", "report", "eval", "export")
 
 
 class _Parser(argparse.ArgumentParser):

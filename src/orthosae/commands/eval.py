@@ -124,13 +124,10 @@ def _evaluate(runs: list[str], opts: EvalOptions) -> int:
 
 def _model_id(opts: EvalOptions, run_dir: str) -> str | None:
     """The model a run will be evaluated with, to reuse an already loaded one across runs."""
+    from orthosae.interop.load import read_info
     from orthosae.models.bundled import ALIASES, BUNDLED_NAME
-    from orthosae.sae.io import CFG_NAME, read_cfg
 
-    name = opts.model
-    if name is None:
-        cfg_path = Path(run_dir) / CFG_NAME
-        name = read_cfg(cfg_path).get("model_name") if cfg_path.is_file() else None
+    name = opts.model or read_info(run_dir).get("model_name")
     if name is None:
         return None
     return BUNDLED_NAME if str(name).lower() in ALIASES else str(name)

@@ -8,7 +8,7 @@ from typing import Any
 
 from orthosae.errors import UserError
 from orthosae.models.loader import LoadedModel, load_model
-from orthosae.sae import SAE, load_sae
+from orthosae.sae import SAE
 
 
 @dataclass
@@ -39,14 +39,17 @@ class EvalContext:
         model: LoadedModel | None = None,
         shared: dict[Any, Any] | None = None,
     ) -> EvalContext:
-        """Load the SAE in `run_dir`; the model and layer default to the ones recorded in its cfg.json."""
-        sae, cfg = load_sae(run_dir, device=device)
+        """Load the SAE in `run_dir` (ours, SAELens's or dictionary_learning's); the model and layer default
+        to the ones its config records."""
+        from orthosae.interop.load import load_any
+
+        sae, cfg = load_any(run_dir, device=device)
         name = model_name or cfg.get("model_name")
         hook_layer = layer if layer is not None else cfg.get("hook_layer")
         if name is None or hook_layer is None:
             raise UserError(
-                f"{run_dir}: cfg.json records no model/layer (trained from a plain array?); "
-                "pass --model and --layer"
+                f"{run_dir}: its config records no model/layer (trained from a plain array, or a hook other "
+                "than the residual stream?); pass --model and --layer"
             )
         return cls(
             sae,

@@ -14,7 +14,7 @@ from orthosae.eval.results import SECTION_KEYS
 from orthosae.experiment.config import Experiment
 from orthosae.experiment.multi import train_many
 from orthosae.experiment.speed import format_speed, measure_speed
-from orthosae.sae.io import WEIGHTS_NAME
+from orthosae.sae.io import weights_file
 from orthosae.train.config import TrainConfig
 
 # Rough costs on a 2-core CPU (measured with the bundled SmolLM2-135M), used only for the up-front estimate.
@@ -141,7 +141,7 @@ def _train(exp: Experiment, overwrite: bool) -> None:
     todo: dict[str, TrainConfig] = {}
     for name, cfg in exp.saes.items():
         run = Path(cfg.out)
-        if (run / WEIGHTS_NAME).exists() and not overwrite:
+        if weights_file(run).exists() and not overwrite:
             if load_toml(TrainConfig, run / "config.toml") != cfg:
                 raise UserError(
                     f"{run} holds an SAE trained with other settings; pass --overwrite to retrain it"
@@ -178,7 +178,7 @@ def _evaluate(exp: Experiment) -> None:
     for sae_name, cfg in exp.saes.items():
         run_dir = Path(cfg.out)
         fps = reuse.fingerprints(
-            configs, run_dir / WEIGHTS_NAME, {"model": c.model, "layer": c.layer, "seed": c.seed}
+            configs, weights_file(run_dir), {"model": c.model, "layer": c.layer, "seed": c.seed}
         )
         kept = reuse.reusable(run_dir, fps)
         todo = [n for n in configs if SECTION_KEYS[n] not in kept]

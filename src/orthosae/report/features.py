@@ -26,6 +26,7 @@ from orthosae.errors import UserError
 from orthosae.models.loader import LoadedModel, load_model
 from orthosae.report.load import Experiment, load_experiment, read_json
 from orthosae.sae import SAE, TopKSAE, load_sae
+from orthosae.sae.io import weights_file
 
 FEATURES_FILE = "features.json"
 FORMAT_VERSION = 1
@@ -159,7 +160,7 @@ def fingerprint(exp: Experiment, cache: ActivationCache, opts: FeatureOptions) -
     """What features.json depends on; a mismatch means it must be recomputed."""
     saes = {}
     for name, run in exp.saes.items():
-        w = run.path / "sae.safetensors"
+        w = weights_file(run.path)
         if w.is_file():
             st = w.stat()
             saes[name] = [st.st_size, st.st_mtime_ns]
@@ -196,7 +197,7 @@ def compute_features(
     skipped: dict[str, str] = {}
     for name, run in exp.saes.items():
         if not run.has_weights:
-            skipped[name] = "no sae.safetensors"
+            skipped[name] = "no weights file"
             continue
         sae, cfg = load_sae(run.path)
         if sae.d_in != cache.d_model:

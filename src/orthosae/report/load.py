@@ -15,6 +15,7 @@ from typing import Any
 
 from orthosae.errors import UserError
 from orthosae.eval.results import SECTION_KEYS
+from orthosae.sae.io import weights_file
 
 SAES_DIR = "saes"
 
@@ -31,7 +32,7 @@ class SAERun:
 
     @property
     def has_weights(self) -> bool:
-        return (self.path / "sae.safetensors").is_file()
+        return weights_file(self.path).is_file()
 
     @property
     def is_orth(self) -> bool:

@@ -38,7 +38,7 @@ class SAE(nn.Module):
     """
 
     arch: str = ""
-    saelens_arch: str = ""  # SAELens's name for the architecture (cfg.json "architecture")
+    saelens_arch: str = ""  # the SAELens inference class that computes the same function (cfg.json)
     apply_b_dec_to_input: bool = True  # centre the input by b_dec before encoding
 
     def __init__(self, d_in: int, d_sae: int, *, dtype: torch.dtype = torch.float32, device: str = "cpu"):
@@ -95,9 +95,19 @@ class SAE(nn.Module):
         return {"arch": self.arch, "d_in": self.d_in, "d_sae": self.d_sae}
 
     def saved_tensors(self) -> dict[str, torch.Tensor]:
-        """The tensors sae.safetensors holds (SAELens names); subclasses add their thresholds."""
+        """The tensors of the weights file: the names and shapes of SAELens's `saelens_arch` class."""
         return {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec, "b_dec": self.b_dec}
 
-    def activation_cfg(self) -> dict[str, object]:
-        """cfg.json's SAELens activation keys."""
-        return {"activation_fn_str": "relu"}
+    def saelens_fields(self) -> dict[str, object]:
+        """cfg.json keys that SAELens's config class for `saelens_arch` reads beyond the shared ones."""
+        return {}
+
+    def state_cfg(self) -> dict[str, object]:
+        """State that SAELens's class has no tensor for, kept in cfg.json under keys SAELens ignores."""
+        return {}
+
+    @torch.no_grad()
+    def load_saved_(self, tensors: dict[str, torch.Tensor], cfg: dict[str, object]) -> None:
+        """Copy in what `saved_tensors` and `state_cfg` wrote (shapes and dtypes already checked)."""
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            getattr(self, name).copy_(tensors[name])

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from orthosae.errors import UserError
 from orthosae.losses import reconstruction_loss
 from orthosae.sae import kernels
 from orthosae.sae.base import SAE, SAEOutput
@@ -25,7 +26,7 @@ def batch_topk_mask(pre: torch.Tensor, k: int) -> torch.Tensor:
 
 class BatchTopKSAE(SAE):
     arch = "batchtopk"
-    saelens_arch = "batchtopk"
+    saelens_arch = "jumprelu"  # SAELens too saves a BatchTopK SAE as JumpReLU with one threshold per latent
     threshold: torch.Tensor  # a registered buffer: < 0 until tracked
 
     def __init__(
@@ -62,10 +63,18 @@ class BatchTopKSAE(SAE):
         return {**super().hyperparams(), "k": self.k}
 
     def saved_tensors(self) -> dict[str, torch.Tensor]:
-        return {**super().saved_tensors(), "threshold": self.threshold}
+        return {**super().saved_tensors(), "threshold": self.threshold.expand(self.d_sae)}
 
-    def activation_cfg(self) -> dict[str, object]:
-        return {"activation_fn_str": "relu", "activation_fn_kwargs": {"k": self.k}}
+    @torch.no_grad()
+    def load_saved_(self, tensors: dict[str, torch.Tensor], cfg: dict[str, object]) -> None:
+        super().load_saved_(tensors, cfg)
+        per_latent = tensors["threshold"]
+        if per_latent.numel() and not bool((per_latent == per_latent[0]).all()):
+            raise UserError(
+                f"a {self.arch} SAE has one inference threshold, but the file's per-latent thresholds "
+                "differ; load it as a jumprelu SAE"
+            )
+        self.threshold.copy_(per_latent[0])
 
 
 @dataclass

@@ -1,7 +1,9 @@
-"""Strict save/load: safetensors weights in SAELens layout plus a validated cfg.json.
+"""Strict save/load: a run directory in SAELens 6's layout (sae_weights.safetensors + cfg.json).
 
-A file whose tensors, shapes, dtype or architecture disagree with its cfg.json is refused with a one-line
-`UserError`; nothing is ever loaded silently as something else.
+SAELens's `SAE.load_from_disk(run_dir)` loads it as is (see orthosae.interop.saelens); our own keys sit at
+cfg.json's top level, which SAELens ignores. A file whose tensors, shapes, dtype or architecture disagree
+with its cfg.json is refused with a one-line `UserError`; nothing is ever loaded silently as something
+else. Run directories of orthosae < 0.2 (`sae.safetensors`, thresholds as tensors) still load.
 """
 
 from __future__ import annotations
@@ -19,11 +21,11 @@ from safetensors.torch import save as st_save
 from orthosae import __version__
 from orthosae.atomic import write_json, write_with
 from orthosae.errors import UserError
+from orthosae.interop.saelens import CFG_NAME, WEIGHTS_NAME, saelens_cfg
 from orthosae.sae.archs import ARCHS
 from orthosae.sae.base import SAE
 
-WEIGHTS_NAME = "sae.safetensors"
-CFG_NAME = "cfg.json"
+LEGACY_WEIGHTS_NAME = "sae.safetensors"  # orthosae < 0.2
 _DTYPES = {
     "float32": torch.float32,
     "float16": torch.float16,
@@ -36,27 +38,30 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def weights_file(run_dir: str | Path) -> Path:
+    """The weights file of a run directory: the current name, else the pre-0.2 one if only that exists."""
+    run_dir = Path(run_dir)
+    current, legacy = run_dir / WEIGHTS_NAME, run_dir / LEGACY_WEIGHTS_NAME
+    return legacy if legacy.is_file() and not current.is_file() else current
+
+
 def sae_cfg(sae: SAE, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """cfg.json contents: our keys plus the SAELens keys that let its loaders read the file."""
-    hp = sae.hyperparams()
-    cfg: dict[str, Any] = {
+    """cfg.json contents: SAELens's config and metadata, then our keys (which SAELens ignores)."""
+    extra = {k: v for k, v in (extra or {}).items() if v is not None}
+    return {
+        **saelens_cfg(sae, extra),
         "orthosae_version": __version__,
-        **hp,
-        "architecture": sae.saelens_arch,
-        "dtype": dtype_name(sae.W_dec.dtype),
-        "apply_b_dec_to_input": sae.apply_b_dec_to_input,
-        "normalize_activations": "none",
-        **sae.activation_cfg(),
+        **sae.hyperparams(),
+        **sae.state_cfg(),
+        **extra,
     }
-    cfg.update(extra or {})
-    return cfg
 
 
 def save_sae(sae: SAE, directory: str | Path, extra_cfg: dict[str, Any] | None = None) -> Path:
-    """Write `sae.safetensors` and `cfg.json` into `directory` atomically (weights first)."""
+    """Write `sae_weights.safetensors` and `cfg.json` into `directory` atomically (weights first)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {name: t.detach().contiguous().cpu() for name, t in _expected_tensors(sae).items()}
+    tensors = {name: t.detach().contiguous().cpu() for name, t in sae.saved_tensors().items()}
     for name, t in tensors.items():
         if not torch.isfinite(t).all():
             raise UserError(f"refusing to save: SAE tensor '{name}' contains NaN or inf")
@@ -65,11 +70,10 @@ def save_sae(sae: SAE, directory: str | Path, extra_cfg: dict[str, Any] | None =
     # The checksum lets a load tell a flipped bit from a legitimately different SAE.
     cfg = {**sae_cfg(sae, extra_cfg), "weights_sha256": hashlib.sha256(blob).hexdigest()}
     write_json(directory / CFG_NAME, cfg)
+    legacy = directory / LEGACY_WEIGHTS_NAME
+    if legacy.is_file():  # retraining into a pre-0.2 run directory: one weights file, not two
+        legacy.unlink()
     return directory
-
-
-def _expected_tensors(sae: SAE) -> dict[str, torch.Tensor]:
-    return sae.saved_tensors()
 
 
 def read_cfg(path: Path) -> dict[str, Any]:
@@ -128,45 +132,75 @@ def _check_sha256(weights: Path, expected: object) -> None:
         )
 
 
-def load_sae(path: str | Path, device: str = "cpu") -> tuple[SAE, dict[str, Any]]:
-    """Load an SAE from a run directory (or its sae.safetensors). Returns (sae, cfg)."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"no SAE at {path}: the path does not exist")
-    weights = path / WEIGHTS_NAME if path.is_dir() else path
-    if not weights.is_file():
-        raise UserError(f"no {WEIGHTS_NAME} in {path}; point at a run directory written by orthosae train")
-    cfg_path = weights.parent / CFG_NAME
-    cfg = read_cfg(cfg_path)
-    sae = build_from_cfg(cfg, cfg_path, device)
-    _check_sha256(weights, cfg.get("weights_sha256"))
-    expected = _expected_tensors(sae)
+def read_tensors(weights: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file, with one-line errors for unreadable files."""
     try:
         with safe_open(str(weights), framework="pt", device="cpu") as f:
-            found = set(f.keys())
-            if found != set(expected):
-                missing, extra = sorted(set(expected) - found), sorted(found - set(expected))
-                what = f"missing {missing}, unexpected {extra}"
-                raise UserError(f"{weights}: tensors do not match a {cfg['arch']} SAE ({what})")
-            loaded = {name: f.get_tensor(name) for name in expected}
+            return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open is no dict)
     except SafetensorError as e:
         raise UserError(f"{weights} is corrupt or truncated ({e}); re-save or re-train it") from None
     except OSError as e:
         raise UserError(f"cannot read {weights}: {e.strerror or e}") from None
+
+
+def check_tensors(sae: SAE, tensors: dict[str, torch.Tensor], weights: Path, dtype_label: object) -> None:
+    """The file's tensors are exactly the ones `sae` saves: names, shapes, dtype, all finite."""
+    expected = sae.saved_tensors()
+    if set(tensors) != set(expected):
+        missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        raise UserError(
+            f"{weights}: tensors do not match a {sae.arch} SAE (missing {missing}, unexpected {extra})"
+        )
     for name, param in expected.items():
-        t = loaded[name]
+        t = tensors[name]
         if tuple(t.shape) != tuple(param.shape):
             raise UserError(
                 f"{weights}: '{name}' has shape {tuple(t.shape)} but cfg.json implies {tuple(param.shape)}"
             )
         if t.dtype != param.dtype:
-            raise UserError(
-                f"{weights}: '{name}' is {dtype_name(t.dtype)} but cfg.json says {cfg.get('dtype')}"
-            )
+            raise UserError(f"{weights}: '{name}' is {dtype_name(t.dtype)} but cfg.json says {dtype_label}")
         if not torch.isfinite(t).all():
             raise UserError(f"{weights}: '{name}' contains NaN or inf; the file is unusable")
-        with torch.no_grad():
-            param.copy_(t)
+
+
+def _from_legacy(sae: SAE, tensors: dict[str, torch.Tensor], cfg: dict[str, Any]) -> None:
+    """Pre-0.2 files kept TopK's and BatchTopK's scalar thresholds as tensors: move them where they live
+    now (TopK: cfg.json; BatchTopK/Matryoshka: one per latent, as SAELens's JumpReLU)."""
+    thr = tensors.get("threshold")
+    if thr is None or thr.dim() != 0:
+        return
+    if sae.arch == "topk":
+        cfg["inference_threshold"] = float(tensors.pop("threshold"))
+    elif sae.arch in ("batchtopk", "matryoshka"):
+        tensors["threshold"] = thr.expand(sae.d_sae)
+
+
+def load_sae(path: str | Path, device: str = "cpu") -> tuple[SAE, dict[str, Any]]:
+    """Load an SAE from an orthosae run directory (or its weights file). Returns (sae, cfg).
+
+    Directories other tools wrote (SAELens, dictionary_learning) load through orthosae.interop.load_any."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"no SAE at {path}: the path does not exist")
+    weights = weights_file(path) if path.is_dir() else path
+    if not weights.is_file():
+        raise UserError(f"no {WEIGHTS_NAME} in {path}; point at a run directory written by orthosae train")
+    cfg_path = weights.parent / CFG_NAME
+    cfg = read_cfg(cfg_path)
+    sae = build_from_cfg(cfg, cfg_path, device)
+    found = cfg.get("architecture", sae.saelens_arch)
+    legacy = weights.name == LEGACY_WEIGHTS_NAME  # pre-0.2 names: batchtopk, matryoshka_batchtopk
+    if found != sae.saelens_arch and not legacy:
+        raise UserError(
+            f"{cfg_path}: 'arch' {sae.arch} is saved as SAELens's '{sae.saelens_arch}', but 'architecture' "
+            f"says '{found}'; the file was edited or mixed up with another SAE's"
+        )
+    _check_sha256(weights, cfg.get("weights_sha256"))
+    tensors = read_tensors(weights)
+    if legacy:
+        _from_legacy(sae, tensors, cfg)
+    check_tensors(sae, tensors, weights, cfg.get("dtype"))
+    sae.load_saved_(tensors, cfg)
     orth = cfg.get("orthogonality")
     if isinstance(orth, dict) and orth.get("L_orth_init") is not None:
         value = orth["L_orth_init"]

@@ -109,6 +109,11 @@ class JumpReLUSAE(SAE):
     def saved_tensors(self) -> dict[str, torch.Tensor]:
         return {**super().saved_tensors(), "threshold": self.threshold}
 
+    @torch.no_grad()
+    def load_saved_(self, tensors: dict[str, torch.Tensor], cfg: dict[str, object]) -> None:
+        super().load_saved_(tensors, cfg)
+        self.threshold.copy_(tensors["threshold"])
+
 
 class JumpReLURule(Rule):
     """Dense autograd forward as dictionary_learning trains it; no b_dec median init, no AuxK (dead latents

@@ -42,7 +42,6 @@ def check_groups(d_sae: int, fractions: list[float], weights: list[float] | None
 
 class MatryoshkaSAE(BatchTopKSAE):
     arch = "matryoshka"
-    saelens_arch = "matryoshka_batchtopk"
 
     def __init__(self, d_in: int, d_sae: int, k: int, group_sizes: list[int], **kw: Any):
         super().__init__(d_in, d_sae, k, **kw)

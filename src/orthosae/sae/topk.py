@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from orthosae.errors import UserError
 from orthosae.losses import reconstruction_loss
 from orthosae.orthogonality import masked_activations
 from orthosae.sae import kernels
@@ -67,11 +68,21 @@ class TopKSAE(SAE):
     def hyperparams(self) -> dict[str, object]:
         return {**super().hyperparams(), "k": self.k}
 
-    def saved_tensors(self) -> dict[str, torch.Tensor]:
-        return {**super().saved_tensors(), "threshold": self.threshold}
+    def saelens_fields(self) -> dict[str, object]:
+        return {"k": self.k, "rescale_acts_by_decoder_norm": False}
 
-    def activation_cfg(self) -> dict[str, object]:
-        return {"activation_fn_str": "topk", "activation_fn_kwargs": {"k": self.k}}
+    def state_cfg(self) -> dict[str, object]:
+        # SAELens's TopKSAE refuses a `threshold` tensor, so the scalar lives in cfg.json (a float32 value
+        # survives the JSON double exactly).
+        return {"inference_threshold": float(self.threshold)}
+
+    @torch.no_grad()
+    def load_saved_(self, tensors: dict[str, torch.Tensor], cfg: dict[str, object]) -> None:
+        super().load_saved_(tensors, cfg)
+        value = cfg.get("inference_threshold", -1.0)  # absent: a TopK SAE written by another tool
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise UserError(f"cfg.json: 'inference_threshold' must be a finite number, found {value!r}")
+        self.threshold.fill_(value)
 
 
 @dataclass

@@ -34,6 +34,7 @@ from safetensors.torch import save as st_save
 from orthosae.atomic import write_json, write_with
 from orthosae.config import from_dict, to_dict
 from orthosae.errors import UserError
+from orthosae.sae.io import weights_file
 from orthosae.train.config import TrainConfig
 from orthosae.train.distributed import env_rank, world_size
 
@@ -162,8 +163,8 @@ def latest_body(run_dir: Path) -> dict[str, Any]:
         raise UserError(f"cannot resume: {run_dir} is a file; give the run directory")
     found = list_checkpoints(run_dir)
     if not found:
-        done = (run_dir / "sae.safetensors").exists()
-        why = "the run is complete (sae.safetensors written)" if done else "it holds no checkpoint"
+        done = weights_file(run_dir).exists()
+        why = "the run is complete (its SAE is saved)" if done else "it holds no checkpoint"
         raise UserError(
             f"cannot resume {run_dir}: {why}; checkpoints are written every --checkpoint-every steps and on "
             "Ctrl-C/SIGTERM"

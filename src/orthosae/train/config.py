@@ -27,8 +27,15 @@ class TrainConfig:
     """Tokens per context when streaming (BOS included)."""
     remove_high_norm: float = 10.0
     """When streaming: drop tokens whose norm exceeds this multiple of the batch median; 0 keeps all."""
+    model_name: str | None = None
+    """The language model --activations came from, recorded in cfg.json (SAELens's metadata) for files
+    that do not record it (.npy/.safetensors arrays); a cache or --model records its own."""
+    hook_name: str | None = None
+    """The TransformerLens hook of those activations, e.g. blocks.15.hook_resid_post (its layer is recorded
+    too); for arrays, like --model-name."""
     out: str = "runs/sae"
-    """Run directory; it receives sae.safetensors, cfg.json, config.toml and metrics.jsonl."""
+    """Run directory; it receives sae_weights.safetensors and cfg.json (SAELens layout), config.toml and
+    metrics.jsonl."""
     overwrite: bool = False
     """Allow --out to name a directory that already holds a trained SAE (it is replaced)."""
 

@@ -39,13 +39,32 @@ def open_stream(
     if cfg.activations is not None:
         path = Path(cfg.activations)
         if path.is_dir():
-            return _cache_stream(path, cfg, state, part)
+            return _named(_cache_stream(path, cfg, state, part), cfg)
         arr = load_array(path)
         inner = _inner(state, "array")
         batches = ArrayBatches(arr, cfg.batch_size, cfg.seed, cfg.device, state=inner, part=part)
-        return ActivationStream(arr.shape[1], batches, state=batches.state)
+        return _named(ActivationStream(arr.shape[1], batches, state=batches.state), cfg)
     assert part[1] == 1, "streaming is refused in multi-process runs (distributed.check_options)"
-    return _live_stream(cfg, state)
+    return _named(_live_stream(cfg, state), cfg)
+
+
+def _named(stream: ActivationStream, cfg: TrainConfig) -> ActivationStream:
+    """Record --model-name/--hook-name where the data names no model/hook; refuse a contradiction."""
+    from orthosae.interop.saelens import layer_of_hook
+
+    given = {"model_name": cfg.model_name, "hook_name": cfg.hook_name}
+    for key, value in given.items():
+        recorded = stream.meta.get(key)
+        if value is None:
+            continue
+        if recorded is not None and recorded != value:
+            flag = "--" + key.replace("_", "-")
+            raise UserError(f"{flag} {value} contradicts the data, which records {recorded}; drop {flag}")
+        stream.meta[key] = value
+    # A residual hook names the block our evals splice at; other hooks train fine but are not evaluated.
+    if cfg.hook_name is not None and stream.meta.get("hook_layer") is None:
+        stream.meta["hook_layer"] = layer_of_hook(cfg.hook_name)
+    return stream
 
 
 def _inner(state: dict[str, Any] | None, kind: str) -> dict[str, Any] | None:

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from orthosae.config import save_toml, to_dict
 from orthosae.errors import UserError
-from orthosae.sae.io import WEIGHTS_NAME, save_sae
+from orthosae.sae.io import save_sae, weights_file
 from orthosae.train.checkpoint import (
     Checkpoint,
     StopOnSignal,
@@ -161,7 +161,7 @@ def replayable(cfg: TrainConfig) -> TrainConfig:
 def prepare_run_dir(out: Path, overwrite: bool) -> Path:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a directory for the run")
-    if (out / WEIGHTS_NAME).exists() and not overwrite:
+    if weights_file(out).exists() and not overwrite:
         raise UserError(f"{out} already holds a trained SAE; choose another --out or pass --overwrite")
     if has_checkpoints(out) and not overwrite:
         raise UserError(

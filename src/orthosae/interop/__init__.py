@@ -1,0 +1,1 @@
+"""Other libraries' SAE formats: SAELens and dictionary_learning, read and written."""
