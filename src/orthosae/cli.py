@@ -11,7 +11,9 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from orthosae import __version__
+from orthosae.config import add_arguments, cli_overrides
 from orthosae.errors import UserError
+from orthosae.threads import ThreadOptions, apply_threads
 
 # Sub-commands in --help order. Add a module under orthosae/commands/ and its name here.
 COMMANDS = ("train", "cache", "run", "sweep", "report", "eval", "export")
@@ -31,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"orthosae.commands.{name}").register(sub)
+    for command in sub.choices.values():  # a machine setting, not part of any command's config
+        add_arguments(command, ThreadOptions)
     return parser
 
 
@@ -45,6 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UserError(
                 f"only `orthosae train` runs under torchrun; run `orthosae {ns.command}` as one process"
             )
+        apply_threads(cli_overrides(ThreadOptions, ns).get("threads"))
         code = ns.func(ns)
     except UserError as e:
         if _speaks(e):
