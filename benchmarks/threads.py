@@ -102,9 +102,8 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    print(
-        f"{os.cpu_count()} cores; bundled SmolLM2-135M, layer 15, 8×128-token batches, {args.seconds:.0f} s each"
-    )
+    what = "bundled SmolLM2-135M, layer 15, 8×128-token batches"
+    print(f"{os.cpu_count()} cores; {what}, {args.seconds:.0f} s each")
     alone = None
     for name in args.cases.split(","):
         results = run_case(name, args.seconds)

@@ -209,10 +209,21 @@ def test_two_ranks_match_one_process_topk_orth_auxk(
     assert cfg["training"]["tokens_seen"] == 20 * 128
 
 
-@pytest.mark.parametrize("source,arch", [("cache", "topk"), ("npy", "relu")])
+@pytest.mark.parametrize(
+    "source,arch",
+    [
+        ("cache", "topk"),
+        ("npy", "relu"),
+        ("npy", "batchtopk"),  # the batch's B·k largest over the global batch, threshold min over ranks
+        ("cache", "matryoshka"),
+        ("npy", "jumprelu"),
+        ("npy", "batchtopk+orth"),  # the penalty on a variable number of co-active latents per token
+    ],
+)
 def test_two_ranks_match_one_process(data: dict[str, Path], tmp_path: Path, source: str, arch: str) -> None:
-    model = ["--arch", arch, "--d-sae", "128", *(["--k", "6"] if arch == "topk" else [])]
-    args = ["--activations", data[source], *model, *COMMON]
+    name, orth = arch.removesuffix("+orth"), arch.endswith("+orth")
+    model = ["--arch", name, "--d-sae", "128", *(["--k", "6"] if name != "relu" else [])]
+    args = ["--activations", data[source], *model, *(["--orth"] if orth else []), *COMMON]
     proc = _torchrun(*args, "--out", tmp_path / "two")
     done = _single(*args, "--out", tmp_path / "one")
     code, _, err = _finish(proc)

@@ -13,7 +13,7 @@ from orthosae.losses import reconstruction_loss
 from orthosae.sae import kernels
 from orthosae.sae.base import SAE, SAEOutput
 from orthosae.sae.init import tied_unit_init_, uniform_unit_rows
-from orthosae.sae.rule import Rule, padded_codes, zero_terms
+from orthosae.sae.rule import Host, Rule, padded_codes, zero_terms
 
 
 @torch.no_grad()
@@ -22,6 +22,20 @@ def batch_topk_mask(pre: torch.Tensor, k: int) -> torch.Tensor:
     flat = pre.reshape(-1)
     picks = flat.topk(min(k * pre.shape[0], flat.numel()), sorted=False).indices
     return torch.zeros_like(flat, dtype=torch.bool).index_fill_(0, picks, True).view_as(pre)
+
+
+def global_batch_topk_mask(pre: torch.Tensor, k: int, host: Host) -> torch.Tensor:
+    """batch_topk_mask over the global batch when each rank holds a slice of it: the entries at or above
+    the global (B·k)-th largest value. That cutoff is the (B·k)-th largest of the union of every rank's own
+    B·k largest, so only those travel. Zeros are never picked (one process may pick some when fewer than
+    B·k are positive; they add nothing to the decode, the losses or the firing counts)."""
+    if host.world == 1:
+        return batch_topk_mask(pre, k)
+    n = k * pre.shape[0] * host.world
+    flat = pre.reshape(-1)
+    local = flat.topk(min(n, flat.numel()), sorted=False).values
+    cutoff = host.all_gather(local.contiguous()).topk(n, sorted=False).values.min()
+    return (pre >= cutoff) & (pre > 0)
 
 
 class BatchTopKSAE(SAE):
@@ -105,7 +119,7 @@ class BatchTopKRule(Rule):
     def codes(self, x: torch.Tensor) -> BatchCodes:
         cfg, sae, host = self.cfg, self.sae, self.host
         pre = kernels.encoder_pre_acts(x, sae.W_enc, sae.b_enc, sae.b_dec)
-        selected = batch_topk_mask(pre, sae.k)
+        selected = global_batch_topk_mask(pre, sae.k, host)
         idx = padded_codes(selected)
         valid = selected.gather(1, idx)
         # dictionary_learning counts a latent as fired when its selected activations sum above 0.

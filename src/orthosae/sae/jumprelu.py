@@ -135,7 +135,11 @@ class JumpReLURule(Rule):
         l0 = step(f, sae.threshold, eps).sum(dim=-1).mean()
         scale = sparsity_scale(host.step_idx, cfg.resolved_sparsity_warmup())
         terms["sparsity"] = l0
-        terms["sparsity_weighted"] = sparsity_loss(l0, cfg.resolved_target_l0(), cfg.jumprelu_sparsity, scale)
+        # The penalty is a square of the global batch's L0: use that value, with this rank's gradient
+        # (averaging the ranks' gradients then gives one process's gradient exactly).
+        l0_global = l0 + (host.all_reduce_mean(l0.detach()) - l0.detach()) if host.world > 1 else l0
+        target = cfg.resolved_target_l0()
+        terms["sparsity_weighted"] = sparsity_loss(l0_global, target, cfg.jumprelu_sparsity, scale)
         if cfg.penalty_kind() != "none":
             idx = padded_codes(f.detach() != 0)
             terms["orth"], terms["orth_scaled"] = host.penalty(f.gather(1, idx), idx, recon)

@@ -51,6 +51,10 @@ class Host(Protocol):
 
     def all_reduce_min(self, t: torch.Tensor) -> torch.Tensor: ...
 
+    def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor: ...
+
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor: ...
+
 
 class Rule:
     """One architecture's training step. `terms(x)` returns 0-dim tensors: at least every name in LOSS_TERMS

@@ -222,6 +222,20 @@ class Trainer:
             return t
         return -ddp.all_reduce_max_(-t, self.ranks)
 
+    @torch.no_grad()
+    def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
+        """The mean over ranks of a statistic (this rank's value when training alone)."""
+        if self.ranks is None:
+            return t
+        return ddp.all_reduce_mean_(t.clone(), self.ranks)
+
+    @torch.no_grad()
+    def all_gather(self, t: torch.Tensor) -> torch.Tensor:
+        """Every rank's equally shaped `t`, concatenated along dim 0 in rank order."""
+        if self.ranks is None:
+            return t
+        return ddp.all_gather_rows(t, self.ranks)
+
     def penalty(
         self, acts: torch.Tensor, idx: torch.Tensor, recon: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
