@@ -21,6 +21,9 @@ class EvalOptions:
     """Comma-separated evals to run: core, absorption, sparse_probing, unlearning."""
     out: str | None = None
     """Results JSON to write; default RUN/eval.json (synthetic: printed only unless given)."""
+    saebench_dir: str | None = None
+    """Directory for SAEBench 0.6.0's own per-eval files (<eval>/<release>_<sae>_eval_results.json);
+    default: eval_results/ next to the results JSON."""
     config: str | None = None
     """TOML file with one table of settings per eval ([core], [absorption], …, [synthetic])."""
     model: str | None = None
@@ -88,6 +91,7 @@ def _compare(runs: list[str]) -> int:
 def _evaluate(runs: list[str], opts: EvalOptions) -> int:
     from orthosae.eval.context import EvalContext
     from orthosae.eval.runner import eval_config, parse_evals, read_eval_toml, run_evals, write_results
+    from orthosae.eval.saebench_files import write_saebench_files
 
     if not runs:
         raise UserError("give a run directory to evaluate (or --synthetic, or two runs with --compare)")
@@ -95,6 +99,8 @@ def _evaluate(runs: list[str], opts: EvalOptions) -> int:
         raise UserError(
             "--out names one file: evaluate one run at a time, or drop --out (each run gets RUN/eval.json)"
         )
+    if opts.saebench_dir and Path(opts.saebench_dir).is_file():
+        raise UserError(f"--saebench-dir {opts.saebench_dir} is a file: give a directory")
     names = parse_evals(opts.evals)
     tables = read_eval_toml(opts.config)
     source = opts.config or "eval config"
@@ -118,6 +124,9 @@ def _evaluate(runs: list[str], opts: EvalOptions) -> int:
         results = run_evals(ctx, names, tables, source=source)
         out = write_results(opts.out or Path(run_dir) / "eval.json", results)
         print(f"wrote {out}")
+        sb_dir = Path(opts.saebench_dir or out.parent / "eval_results")
+        written = write_saebench_files(results, sb_dir, Path(run_dir).resolve().name)
+        print(f"wrote SAEBench files under {sb_dir} ({', '.join(p.parent.name for p in written) or 'none'})")
         model = ctx._model
     return 0
 

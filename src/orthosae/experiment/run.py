@@ -167,6 +167,7 @@ def _evaluate(exp: Experiment) -> None:
     """Evaluate every SAE, reusing each eval whose inputs (weights, settings, code) did not change."""
     from orthosae.eval.context import EvalContext
     from orthosae.eval.runner import eval_config, run_evals, write_results
+    from orthosae.eval.saebench_files import write_saebench_files
     from orthosae.experiment import reuse
     from orthosae.models import load_model
 
@@ -191,9 +192,9 @@ def _evaluate(exp: Experiment) -> None:
             cfg.out, device=cfg.device, seed=c.seed, progress=c.progress, model=model, shared=shared
         )
         fresh = run_evals(ctx, todo, exp.eval_tables, source=source)
-        write_results(
-            run_dir / "eval.json", {SECTION_KEYS[n]: (kept | fresh)[SECTION_KEYS[n]] for n in configs}
-        )
+        results = {SECTION_KEYS[n]: (kept | fresh)[SECTION_KEYS[n]] for n in configs}
+        write_results(run_dir / "eval.json", results)
+        write_saebench_files(results, run_dir / "eval_results", run_dir.resolve().name)
         reuse.record(run_dir, fps)
 
 
