@@ -150,6 +150,25 @@ def test_batch_topk_mask_and_padded_codes():
     assert int(ties.sum()) == 2
 
 
+@pytest.mark.parametrize(
+    "case", ["spread", "one_hot_row", "mostly_zero", "k1"]
+)  # the candidate shortcut, its fallbacks (a row with > 4k winners, a zero cutoff), and k = 1
+def test_batch_topk_mask_matches_the_literal_selection(case: str):
+    g = torch.Generator().manual_seed(3)
+    B, n, k = 24, 200, (1 if case == "k1" else 5)
+    pre = torch.rand(B, n, generator=g, dtype=torch.float64)
+    if case == "one_hot_row":
+        pre[7] += 10  # one token owns every winner: more than 4·k of them
+    if case == "mostly_zero":
+        pre = torch.relu(pre - 0.99)  # about 2 positives per row: fewer than B·k, the cutoff is 0
+    mask = batch_topk_mask(pre.float(), k)
+    assert int(mask.sum()) == B * k
+    if case == "mostly_zero":
+        assert bool(mask[pre > 0].all())  # every positive entry is among the picks
+    else:
+        assert torch.equal(mask, _literal_batch_topk(pre.float(), k) != 0)  # all entries > 0 here
+
+
 def test_matryoshka_groups_follow_dictionary_learning():
     assert group_sizes(100, parse_fractions("1/32,1/16,1/8,1/4,17/32")) == [3, 6, 12, 25, 54]
     with pytest.raises(UserError, match="sum to 1"):

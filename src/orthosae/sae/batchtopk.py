@@ -15,12 +15,33 @@ from orthosae.sae.base import SAE, SAEOutput
 from orthosae.sae.init import tied_unit_init_, uniform_unit_rows
 from orthosae.sae.rule import Host, Rule, padded_codes, zero_terms
 
+CANDIDATES_PER_K = 4  # each token offers its 4·k largest to the batch-wide selection (see below)
+
 
 @torch.no_grad()
 def batch_topk_mask(pre: torch.Tensor, k: int) -> torch.Tensor:
-    """(B, n) bool: the B·k largest entries of the whole (B, n) batch (ties broken as torch.topk does)."""
+    """(B, n) bool: the B·k largest entries of the whole (B, n) batch (ties broken as torch.topk does).
+
+    A top-(B·k) over all B·n entries costs most of a BatchTopK step on CPU, so the cutoff is found among
+    fewer candidates: each row's m = 4·k largest, plus every entry of the rows whose m-th largest reaches
+    the cutoff those give ("full" rows: high-norm tokens can win hundreds). That is exact: candidates only
+    raise the cutoff, and a row that is not full has its m-th largest below it, so every entry at or above
+    the cutoff was a candidate. A zero cutoff or a tie at it falls back to the full selection."""
+    total = min(k * pre.shape[0], pre.numel())
+    m = CANDIDATES_PER_K * k
+    if m < pre.shape[1]:
+        cand = pre.topk(m, dim=1, sorted=False).values
+        cut = cand.reshape(-1).topk(total, sorted=False).values.min()
+        full = cand.min(dim=1).values >= cut
+        if bool(full.any()):
+            pool = torch.cat([cand[~full].reshape(-1), pre[full].reshape(-1)])
+            cut = pool.topk(total, sorted=False).values.min()
+        if cut > 0:
+            mask = pre >= cut
+            if int(mask.sum()) == total:  # no tie at the cutoff
+                return mask
     flat = pre.reshape(-1)
-    picks = flat.topk(min(k * pre.shape[0], flat.numel()), sorted=False).indices
+    picks = flat.topk(total, sorted=False).indices
     return torch.zeros_like(flat, dtype=torch.bool).index_fill_(0, picks, True).view_as(pre)
 
 
