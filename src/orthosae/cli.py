@@ -17,6 +17,7 @@ from orthosae.threads import ThreadOptions, apply_threads
 
 # Sub-commands in --help order. Add a module under orthosae/commands/ and its name here.
 COMMANDS = ("train", "cache", "run", "sweep", "report", "eval", "export")
+DISTRIBUTED = ("train", "cache", "eval")  # the commands that run under torchrun; the others refuse there
 
 
 class _Parser(argparse.ArgumentParser):
@@ -45,9 +46,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # --help, --version and usage errors
         return int(e.code or 0)
     try:
-        if _multi_process() and ns.command != "train":
+        if _multi_process() and ns.command not in DISTRIBUTED:
             raise UserError(
-                f"only `orthosae train` runs under torchrun; run `orthosae {ns.command}` as one process"
+                f"only `orthosae train` runs under torchrun, and `orthosae cache` to harvest and `orthosae "
+                f"eval` to evaluate; run `orthosae {ns.command}` as one process"
             )
         apply_threads(cli_overrides(ThreadOptions, ns).get("threads"))
         code = ns.func(ns)

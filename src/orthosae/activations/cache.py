@@ -4,9 +4,22 @@ Layout of a cache directory:
   manifest.json              model, revision, layer, context size, dtype, d_model, corpus, shard list + sha256
   shard_00000.acts.npy       (n, d_model) float32 or float16 activations of the kept tokens
   shard_00000.meta.npy       (n, 3) int32: token id, context index in the packed corpus, position
-Shards hold whole contexts (only the very last one may be cut at the requested token count), so a build can
-resume at the first context of the next shard. Each shard is recorded in the manifest (atomically) only after
-both its files are written, so a half-written shard is simply redone.
+Shard c holds chunk c of the packed corpus, contexts [c·P, (c+1)·P) with P = contexts_per_shard, whole
+(only the last shard may be cut at the requested token count, or be short where the corpus ends). Each forward
+batch is a slice of one chunk, so a chunk's activations do not depend on which process harvested it.
+
+Under torchrun (`ranks`), every rank harvests its own chunks into its own shards: each round hands the
+lowest-numbered chunks still missing to ranks 0, 1, … (in a fresh build chunk c → rank c mod world), so every
+rank stays busy whatever the context count, and a resumed build of any world size, one process included,
+fills exactly the holes. A chunk's shard name comes from its number, so ranks never collide, and its context
+indices and positions are those of the one-process packing. A rank records a finished shard in a small
+`shard_NNNNN.json` beside it (the manifest entry, written last and atomically); rank 0 alone writes
+manifest.json: at the start (merging the records an interrupted build left) and, once every rank has
+finished, the final one listing every shard with its sha256 (the records are then deleted). One process
+records each shard in the manifest directly. Where the build stops (the token budget, the corpus's end) is
+decided in cache_plan, identically on every rank, from the exchanged counts of kept tokens.
+
+A half-written shard (no record, not in the manifest) is deleted and redone by the next run.
 """
 
 from __future__ import annotations
@@ -14,7 +27,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,17 +35,22 @@ from typing import Any
 import numpy as np
 import torch
 
+from orthosae.activations.cache_plan import Keep, Plan
+from orthosae.activations.cache_rounds import ChunkReader, exchange, harvest_round
 from orthosae.activations.harvest import Harvest, harvest, hook_name
 from orthosae.atomic import write_json, write_with
-from orthosae.data.pack import iter_contexts
+from orthosae.data.pack import Contexts, iter_contexts
 from orthosae.data.texts import describe, iter_texts
 from orthosae.errors import UserError
 from orthosae.models.blocks import check_layer
 from orthosae.models.loader import LoadedModel, load_model
+from orthosae.train.distributed import Ranks, on_main
 
 MANIFEST = "manifest.json"
 FORMAT = "orthosae-activations"
 VERSION = 1
+# What a lost rank's message tells the user (see orthosae.train.distributed.failure_message).
+RESUME_HINT = "Rerun the same command (any number of processes) to resume: finished shards are kept"
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 # Fields that must agree between a cache and a request to reuse or resume it.
 _IDENTITY = (
@@ -45,6 +63,7 @@ _IDENTITY = (
     "exclude_special",
     "remove_high_norm",
 )
+_RECORD_KEYS = ("acts", "meta", "n_tokens", "first_context", "n_contexts", "truncated", "sha256")
 
 
 def sha256_file(path: Path) -> str:
@@ -78,12 +97,14 @@ def build_cache(
     remove_high_norm: float = 10.0,
     progress: bool = True,
     model: LoadedModel | None = None,
+    ranks: Ranks | None = None,
 ) -> Path:
     """Harvest `n_tokens` activations of block `layer` into `out_dir`, resuming an interrupted build.
 
     `batch_size` is in contexts per forward pass; `shard_tokens` is rounded down to whole contexts.
     Pass `model` to reuse an already loaded model (its id must match `model_name`'s).
     `remove_high_norm`: drop tokens above this multiple of the batch median norm (0 keeps all).
+    `ranks`: this process's place under torchrun (every rank calls this with the same arguments).
     """
     if dtype not in _NP_DTYPES:
         raise UserError(f"unknown cache dtype {dtype!r}: use float32 or float16")
@@ -112,56 +133,96 @@ def build_cache(
     }
     if next(iter_texts(corpus, field=text_field), None) is None:  # before any file is written
         raise UserError(f"corpus {corpus!r} holds no text; give a corpus with at least one document")
-    manifest = _start_manifest(out, wanted, n_tokens)
-    if manifest["complete"] and manifest["n_tokens"] >= n_tokens:
+    manifest = on_main(ranks, lambda: _start_manifest(out, wanted, n_tokens), f"preparing {out}")
+    if ranks is not None and not ranks.is_main:
+        manifest = _read_manifest(out)  # as rank 0 left it (on_main returns once it has)
+    if manifest["complete"]:
         return out
-    done_tokens = sum(s["n_tokens"] for s in manifest["shards"])
-    next_context = sum(s["n_contexts"] for s in manifest["shards"])
-    per_shard = manifest["contexts_per_shard"]
-    bar = _progress(progress, n_tokens, done_tokens, f"caching layer {layer}")
-    batches = iter_contexts(
-        iter_texts(corpus, field=text_field),
-        loaded.tokenizer,
-        context_size=context_size,
-        batch_contexts=batch_size,
-        skip_contexts=next_context,
-        exclude_special=exclude_special,
-    )
-    pending: list[Harvest] = []
-    upto = next_context  # contexts fully harvested so far (exclusive end)
-    try:
-        for piece in harvest(loaded, layer, batches, remove_high_norm):
-            pending.append(piece)
-            upto = piece.end_context
-            bar.update(max(0, min(len(piece.token_ids), n_tokens - bar.n)))
-            # Flush each shard once all its contexts are harvested, or once the token budget is met.
-            while pending and (upto >= next_context + per_shard or _count(pending) >= n_tokens - done_tokens):
-                shard, pending = _take(pending, min(next_context + per_shard, upto), n_tokens - done_tokens)
-                manifest = _write_shard(out, manifest, shard, next_context)
-                done_tokens += shard["n"]
-                next_context = shard["end_context"]
-                if done_tokens >= n_tokens:
-                    break
-            if done_tokens >= n_tokens:
-                break
+    per_shard = int(manifest["contexts_per_shard"])
+
+    def chunks(skip: int) -> Iterator[Contexts]:  # the packed corpus, a chunk at a time, from context `skip`
+        texts = iter_texts(corpus, field=text_field)
+        return iter_contexts(
+            texts,
+            loaded.tokenizer,
+            context_size=context_size,
+            batch_contexts=per_shard,
+            skip_contexts=skip,
+            exclude_special=exclude_special,
+        )
+
+    def harvest_batch(batch: Contexts) -> Harvest:
+        return next(harvest(loaded, layer, [batch], remove_high_norm))
+
+    def save(shard: dict[str, Any], first_context: int) -> None:
+        if ranks is None:
+            _write_shard(out, manifest, shard, first_context)  # updates `manifest` in place
         else:
-            # Corpus exhausted: what remains is whole contexts; keep them as a final shard.
-            if pending:
-                shard, _ = _take(pending, upto, n_tokens - done_tokens)
-                manifest = _write_shard(out, manifest, shard, next_context)
-                done_tokens += shard["n"]
-            manifest["corpus_exhausted"] = True
-        manifest["complete"] = True
-        manifest["n_tokens"] = done_tokens
-        _save_manifest(out, manifest, done_tokens)
-    finally:
-        bar.close()
-    if done_tokens == 0:
+            _write_record(out, manifest, shard, first_context)
+
+    next(chunks(0))  # a corpus shorter than one context is refused here, alike on every rank
+    plan = Plan.from_shards(manifest["shards"], n_tokens, per_shard)
+    main = ranks is None or ranks.is_main
+    with _progress(progress and main, n_tokens, min(n_tokens, plan.kept()), f"caching layer {layer}") as bar:
+
+        def show(tokens: int) -> None:
+            bar.update(max(0, min(tokens, n_tokens) - bar.n))
+
+        _run_rounds(plan, ChunkReader(chunks, per_shard), harvest_batch, batch_size, ranks, show, save)
+    on_main(ranks, lambda: _finish_manifest(out, manifest, plan), f"writing {out / MANIFEST}")
+    if plan.kept() == 0:
         raise UserError(f"corpus {corpus!r} produced no tokens to cache")
     return out
 
 
+def _run_rounds(
+    plan: Plan,
+    reader: ChunkReader,
+    harvest_batch: Callable[[Contexts], Harvest],
+    batch_size: int,
+    ranks: Ranks | None,
+    show: Callable[[int], None],
+    save: Callable[[dict[str, Any], int], None],
+) -> None:
+    """Harvest round after round until the plan is done; each rank saves what the cache keeps of its chunk,
+    and no round starts before every rank has saved (a failed save stops them all)."""
+    while chunks := plan.next_round(ranks.world if ranks is not None else 1):
+        got, work = harvest_round(plan, chunks, reader, harvest_batch, batch_size, ranks, show)
+        keeps = plan.settle(chunks, got)
+        error = None
+        if work is not None and (keep := keeps[chunks.index(work.chunk)]) is not None:
+            try:
+                contexts = got[chunks.index(work.chunk)].contexts
+                save(_shard(work.pieces, keep, plan.per_shard, contexts), keep.chunk * plan.per_shard)
+            except Exception as e:  # every rank hears of it at the exchange below
+                error = e
+        exchange([], error, ranks, "writing shards")
+    show(plan.kept())
+
+
+def _shard(pieces: list[Harvest], keep: Keep, per_shard: int, contexts: int) -> dict[str, Any]:
+    """The kept rows of a harvested chunk: its first `keep.tokens`, in (context, position) order."""
+    first = keep.chunk * per_shard
+    acts = torch.cat([p.acts for p in pieces])[: keep.tokens]
+    tok = torch.cat([p.token_ids for p in pieces])[: keep.tokens]
+    ctx = torch.cat([p.context_index for p in pieces])[: keep.tokens]
+    pos = torch.cat([p.position for p in pieces])[: keep.tokens]
+    # A cut shard ends inside the context of its last kept token.
+    end = int(ctx[-1]) + 1 if keep.truncated and keep.tokens else first + contexts
+    return {
+        "acts": acts,
+        "tok": tok,
+        "ctx": ctx,
+        "pos": pos,
+        "n": keep.tokens,
+        "end_context": end,
+        "truncated": keep.truncated,
+    }
+
+
 def _start_manifest(out: Path, wanted: dict[str, Any], n_tokens: int) -> dict[str, Any]:
+    """The manifest to build on: a new one, or an earlier build's with the records an interrupted build
+    left merged in. A finished cache that already holds the request comes back untouched."""
     path = out / MANIFEST
     if path.is_file():
         manifest = _read_manifest(out)
@@ -174,13 +235,13 @@ def _start_manifest(out: Path, wanted: dict[str, Any], n_tokens: int) -> dict[st
             raise UserError(
                 f"{out} holds a different cache: {'; '.join(diffs)}; use another output dir or delete it"
             )
-        shards = manifest["shards"]
-        if shards and shards[-1].get("truncated") and n_tokens > manifest["n_tokens"]:
-            shards.pop()  # the last shard was cut mid-context; redo it whole to extend the cache
-            manifest["complete"] = False
-        manifest["requested_tokens"] = n_tokens
-        if manifest["n_tokens"] < n_tokens and not manifest.get("corpus_exhausted"):
-            manifest["complete"] = False
+        if manifest["complete"] and (manifest["n_tokens"] >= n_tokens or manifest.get("corpus_exhausted")):
+            return manifest
+        per_shard = int(manifest["contexts_per_shard"])
+        shards = _with_records(out, manifest["shards"])
+        if manifest["complete"] and shards and shards[-1]["n_contexts"] < per_shard:
+            shards.pop()  # an older build's last shard, short although the corpus goes on
+        manifest.update(shards=shards, requested_tokens=n_tokens, complete=False)
     else:
         if out.exists() and any(out.iterdir()):
             raise UserError(
@@ -192,13 +253,57 @@ def _start_manifest(out: Path, wanted: dict[str, Any], n_tokens: int) -> dict[st
             raise UserError(f"cannot create cache directory {out}: {e.strerror or e}") from None
         manifest = {**wanted, "requested_tokens": n_tokens, "n_tokens": 0, "complete": False, "shards": []}
     manifest["n_tokens"] = sum(s["n_tokens"] for s in manifest["shards"])
-    _clean_strays(out, manifest)
     _save_manifest(out, manifest, manifest["n_tokens"])
+    _clean_strays(out, manifest)  # after the save: the records just merged are no longer needed
     return manifest
 
 
+def _with_records(out: Path, shards: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`shards` plus the shards that ranks recorded in shard_NNNNN.json files (newer than the manifest's
+    entries, which they replace for a redone shard), ordered by first context."""
+    by_name = {s["acts"]: s for s in shards}
+    for f in sorted(out.glob("shard_*.json")):
+        entry = _read_record(f)
+        if entry is not None:
+            by_name[entry["acts"]] = entry
+    return sorted(by_name.values(), key=lambda s: int(s["first_context"]))
+
+
+def _read_record(path: Path) -> dict[str, Any] | None:
+    """A shard's record, or None when it is unreadable or its files are gone (the shard is then redone)."""
+    try:
+        entry = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(entry, dict) or any(k not in entry for k in _RECORD_KEYS):
+        return None
+    if not all((path.parent / str(entry[k])).is_file() for k in ("acts", "meta")):
+        return None
+    return entry
+
+
+def _finish_manifest(out: Path, manifest: dict[str, Any], plan: Plan) -> None:
+    """Rank 0 (or the one process), once every rank has written its shards: the complete manifest."""
+    per_shard = int(manifest["contexts_per_shard"])
+    entries = {int(s["first_context"]) // per_shard: s for s in _with_records(out, manifest["shards"])}
+    chunks = plan.chunks()
+    missing = [c for c in chunks if c not in entries]
+    if missing:
+        raise UserError(
+            f"{out}: shard {missing[0]} was harvested but its record is missing; rerun the same command"
+        )
+    manifest["shards"] = [entries[c] for c in chunks]
+    manifest["n_tokens"] = sum(s["n_tokens"] for s in manifest["shards"])
+    manifest["complete"] = True
+    if manifest["n_tokens"] < plan.n_tokens:
+        manifest["corpus_exhausted"] = True
+    _save_manifest(out, manifest, manifest["n_tokens"])
+    _clean_strays(out, manifest)
+
+
 def _clean_strays(out: Path, manifest: dict[str, Any]) -> None:
-    # Temp files of an interrupted write, and shard files written but never recorded in the manifest.
+    # Temp files of an interrupted write, shard files written but never recorded in the manifest, and the
+    # ranks' shard records once the manifest holds them.
     keep = {MANIFEST} | {s[k] for s in manifest["shards"] for k in ("acts", "meta")}
     for f in out.iterdir():
         if (
@@ -209,67 +314,68 @@ def _clean_strays(out: Path, manifest: dict[str, Any]) -> None:
             f.unlink()
 
 
-def _count(pending: list[Harvest]) -> int:
-    return sum(len(p.token_ids) for p in pending)
+def _shard_names(first_context: int, per_shard: int) -> dict[str, str]:
+    """A shard's files, named after its chunk: the same name whichever rank writes it."""
+    stem = f"shard_{first_context // per_shard:05d}"
+    return {"acts": f"{stem}.acts.npy", "meta": f"{stem}.meta.npy"}
 
 
-def _take(pending: list[Harvest], end_context: int, budget: int) -> tuple[dict[str, Any], list[Harvest]]:
-    """Split off the tokens of contexts < end_context (at most `budget` of them) from the pending pieces."""
-    acts = torch.cat([p.acts for p in pending])
-    tok = torch.cat([p.token_ids for p in pending])
-    ctx = torch.cat([p.context_index for p in pending])
-    pos = torch.cat([p.position for p in pending])
-    in_shard = int((ctx < end_context).sum())
-    n = min(in_shard, budget)
-    truncated = n < in_shard
-    if truncated:
-        end_context = int(ctx[n - 1]) + 1  # cut by the token budget: the shard ends inside this context
-    rest = Harvest(acts[n:], tok[n:], ctx[n:], pos[n:], pending[-1].end_context)
-    shard = {
-        "acts": acts[:n],
-        "tok": tok[:n],
-        "ctx": ctx[:n],
-        "pos": pos[:n],
-        "n": n,
-        "end_context": end_context,
-        "truncated": truncated,
+def _shard_files(
+    out: Path, shard: dict[str, Any], first_context: int, manifest: dict[str, Any]
+) -> dict[str, Any]:
+    """Write a shard's two arrays; its manifest entry, with their sha256."""
+    names = _shard_names(first_context, int(manifest["contexts_per_shard"]))
+    acts = shard["acts"].numpy().astype(_NP_DTYPES[manifest["dtype"]], copy=False)
+    meta = np.stack(
+        [shard["tok"].numpy(), shard["ctx"].numpy().astype(np.int32), shard["pos"].numpy()], axis=1
+    )
+    _write_npy(out / names["acts"], acts)
+    _write_npy(out / names["meta"], meta.astype(np.int32))
+    return {
+        **names,
+        "n_tokens": shard["n"],
+        "first_context": first_context,
+        "n_contexts": shard["end_context"] - first_context,
+        "truncated": shard["truncated"],
+        "sha256": {k: sha256_file(out / v) for k, v in names.items()},
     }
-    return shard, ([rest] if len(rest.token_ids) else [])
 
 
 def _write_shard(
     out: Path, manifest: dict[str, Any], shard: dict[str, Any], first_context: int
 ) -> dict[str, Any]:
-    index = len(manifest["shards"])
-    names = {"acts": f"shard_{index:05d}.acts.npy", "meta": f"shard_{index:05d}.meta.npy"}
-    acts = shard["acts"].numpy().astype(_NP_DTYPES[manifest["dtype"]], copy=False)
-    meta = np.stack(
-        [shard["tok"].numpy(), shard["ctx"].numpy().astype(np.int32), shard["pos"].numpy()], axis=1
-    )
-    done = manifest["n_tokens"]
+    """One process: write a shard and record it in the manifest."""
+    done, count = manifest["n_tokens"], len(manifest["shards"])
     try:
-        _write_npy(out / names["acts"], acts)
-        _write_npy(out / names["meta"], meta.astype(np.int32))
-        entry = {
-            **names,
-            "n_tokens": shard["n"],
-            "first_context": first_context,
-            "n_contexts": shard["end_context"] - first_context,
-            "truncated": shard["truncated"],
-            "sha256": {k: sha256_file(out / v) for k, v in names.items()},
-        }
-        manifest["shards"].append(entry)
-        manifest["n_tokens"] = done + shard["n"]
+        entry = _shard_files(out, shard, first_context, manifest)
+        others = [s for s in manifest["shards"] if s["first_context"] != first_context]  # a redone shard
+        manifest["shards"] = sorted([*others, entry], key=lambda s: int(s["first_context"]))
+        manifest["n_tokens"] = sum(s["n_tokens"] for s in manifest["shards"])
         _save_manifest(out, manifest, done)
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
-            manifest["shards"] = [s for s in manifest["shards"] if s.get("acts") != names["acts"]]
+            manifest["shards"] = [s for s in manifest["shards"] if s["first_context"] != first_context]
+            acts = out / _shard_names(first_context, int(manifest["contexts_per_shard"]))["acts"]
             raise UserError(
-                f"disk full while writing {out / names['acts']}: kept {done:,} tokens in "
-                f"{index} complete shards; free space and rerun the same command to resume"
+                f"disk full while writing {acts}: kept {done:,} tokens in {count} complete shards; "
+                "free space and rerun the same command to resume"
             ) from None
         raise
     return manifest
+
+
+def _write_record(out: Path, manifest: dict[str, Any], shard: dict[str, Any], first_context: int) -> None:
+    """A torchrun rank: write a shard, then its record (rank 0 gathers the records into the manifest)."""
+    acts = out / _shard_names(first_context, int(manifest["contexts_per_shard"]))["acts"]
+    try:
+        entry = _shard_files(out, shard, first_context, manifest)
+        write_json(acts.with_name(acts.name.replace(".acts.npy", ".json")), entry)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise UserError(
+                f"disk full while writing {acts}: free space and rerun the same command to resume"
+            ) from None
+        raise
 
 
 def _save_manifest(out: Path, manifest: dict[str, Any], kept_tokens: int) -> None:

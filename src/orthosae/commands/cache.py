@@ -1,11 +1,27 @@
-"""`orthosae cache`."""
+"""`orthosae cache`, in one process or under torchrun (every rank harvests its own chunks of contexts)."""
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
+from dataclasses import dataclass
+from typing import Literal
 
 from orthosae.activations.cache_config import CacheConfig
-from orthosae.config import add_arguments, resolve
+from orthosae.config import add_arguments, cli_overrides, from_dict, resolve
+from orthosae.errors import UserError
+
+
+@dataclass
+class HarvestOptions:
+    """Where the model runs; machine settings, so command-line only (not part of the cache's config)."""
+
+    device: Literal["cpu", "cuda"] = "cpu"
+    """Device the model runs on; with cuda under torchrun, each rank uses the GPU numbered its LOCAL_RANK."""
+    dist_timeout: float = 300.0
+    """Under torchrun: seconds a rank waits for the others (they exchange progress after every forward
+    batch) before it stops with an error, so a hung rank never leaves the rest waiting forever."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -13,10 +29,61 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cache", help=what, description=what)
     p.add_argument("--config", metavar="TOML", help="read options from a TOML file; flags override it")
     add_arguments(p, CacheConfig)
+    add_arguments(p, HarvestOptions)
     p.set_defaults(func=run)
 
 
 def run(ns: argparse.Namespace) -> int:
-    out = resolve(CacheConfig, ns, ns.config).build()
-    print(f"cache ready at {out}")
+    from orthosae.activations.cache import RESUME_HINT, build_cache
+    from orthosae.models import load_model
+    from orthosae.train import distributed
+
+    cfg = resolve(CacheConfig, ns, ns.config)
+    cfg.validate()
+    opts = from_dict(HarvestOptions, cli_overrides(HarvestOptions, ns), source="command line")
+    if not (math.isfinite(opts.dist_timeout) and opts.dist_timeout > 0):
+        raise UserError(f"--dist-timeout must be a positive number of seconds, got {opts.dist_timeout}")
+    assert cfg.out is not None and cfg.layer is not None
+    world = distributed.world_size()
+    # Every rank loads the model before joining, so identical errors stop all ranks at once.
+    model = load_model(cfg.model, dtype=cfg.model_dtype, device=_device(opts.device, world))
+    # The collectives only carry a few counts between hosts: gloo, whatever device the model is on.
+    ranks = distributed.start("cpu", opts.dist_timeout, RESUME_HINT) if world > 1 else None
+    try:
+        out = build_cache(
+            cfg.out,
+            model_name=cfg.model,
+            layer=cfg.layer,
+            n_tokens=cfg.tokens,
+            corpus=cfg.corpus,
+            text_field=cfg.text_field,
+            context_size=cfg.context_size,
+            batch_size=cfg.batch_size,
+            dtype=cfg.dtype,
+            model=model,
+            remove_high_norm=cfg.remove_high_norm,
+            shard_tokens=cfg.shard_tokens,
+            progress=cfg.progress,
+            ranks=ranks,
+        )
+    finally:
+        if ranks is not None:
+            distributed.stop()
+    if ranks is None or ranks.is_main:
+        print(f"cache ready at {out}")
     return 0
+
+
+def _device(device: str, world: int) -> str:
+    """cuda:LOCAL_RANK under torchrun (one GPU per rank), else the device as given."""
+    if device == "cpu":
+        return device
+    import torch
+
+    local = int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else 0
+    if local >= torch.cuda.device_count():
+        raise UserError(
+            f"--device cuda: LOCAL_RANK {local} has no GPU ({torch.cuda.device_count()} visible); start at "
+            "most one process per GPU (--nproc-per-node)"
+        )
+    return f"cuda:{local}"

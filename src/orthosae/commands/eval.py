@@ -3,16 +3,24 @@
 orthosae eval runs/x --evals core,absorption --out runs/x/eval.json
 orthosae eval runs/x runs/y --compare       # reads each run's eval.json (never runs evals itself)
 orthosae eval --synthetic                   # ground-truth TopK vs TopK+orth benchmark
+torchrun --nproc-per-node 2 -m orthosae eval runs/x --evals core,absorption   # LM forwards split by rank
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from orthosae.config import add_arguments, cli_overrides, from_dict
 from orthosae.errors import UserError
+
+if TYPE_CHECKING:
+    from orthosae.train.distributed import Ranks
 
 
 @dataclass
@@ -31,7 +39,8 @@ class EvalOptions:
     layer: int | None = None
     """Decoder block the SAE reads, when the SAE's cfg.json records none."""
     device: str = "cpu"
-    """Torch device for the model and SAE."""
+    """Torch device for the model and SAE; with cuda under torchrun, each rank uses the GPU numbered its
+    LOCAL_RANK."""
     seed: int = 42
     """Seed for the evals' random choices."""
     progress: bool = True
@@ -40,6 +49,9 @@ class EvalOptions:
     """Print a side-by-side table of the given runs' existing results (their eval.json or JSON files)."""
     synthetic: bool = False
     """Run the synthetic ground-truth benchmark (TopK vs TopK+orth on a toy model with known features)."""
+    dist_timeout: float = 300.0
+    """Under torchrun: seconds a rank waits for the others in a collective before it stops with an error,
+    so a rank that hangs or dies never leaves the rest waiting forever."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -55,8 +67,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(ns: argparse.Namespace) -> int:
+    from orthosae.train.distributed import world_size
+
     opts = from_dict(EvalOptions, cli_overrides(EvalOptions, ns), source="command line")
     runs: list[str] = list(ns.runs)
+    if world_size() > 1 and (opts.synthetic or opts.compare):
+        flag = "--synthetic" if opts.synthetic else "--compare"
+        raise UserError(f"{flag} runs as one process: drop torchrun (only evaluating runs is split by rank)")
     if opts.synthetic:
         if runs or opts.compare:
             raise UserError("--synthetic takes no run directories and no --compare")
@@ -89,9 +106,9 @@ def _compare(runs: list[str]) -> int:
 
 
 def _evaluate(runs: list[str], opts: EvalOptions) -> int:
-    from orthosae.eval.context import EvalContext
-    from orthosae.eval.runner import eval_config, parse_evals, read_eval_toml, run_evals, write_results
-    from orthosae.eval.saebench_files import write_saebench_files
+    from orthosae.eval.ranks import HINT, rank_device
+    from orthosae.eval.runner import eval_config, parse_evals, read_eval_toml
+    from orthosae.train import distributed
 
     if not runs:
         raise UserError("give a run directory to evaluate (or --synthetic, or two runs with --compare)")
@@ -106,29 +123,98 @@ def _evaluate(runs: list[str], opts: EvalOptions) -> int:
     source = opts.config or "eval config"
     for name in names:  # check every config before loading anything
         eval_config(name, tables, source)
-    model = None
-    shared: dict[object, object] = {}  # SAE-independent eval work (LM probes, activations), done once
     for run_dir in runs:
         if not Path(run_dir).exists():
             raise UserError(f"no run directory at {run_dir}")
+    if not (math.isfinite(opts.dist_timeout) and opts.dist_timeout > 0):
+        raise UserError(f"--dist-timeout must be a positive number of seconds, got {opts.dist_timeout}")
+    world = distributed.world_size()
+    device = rank_device(opts.device, world, _local_rank(), _gpus(opts.device))
+    if world == 1:
+        return _evaluate_runs(runs, opts, names, tables, source, device, None)
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.set_device(device)  # so that a plain "cuda" anywhere means this rank's GPU
+    # The ranks exchange host-side statistics and activations only: gloo, wherever the model runs.
+    ranks = distributed.start("cpu", opts.dist_timeout, HINT)
+    try:
+        return _evaluate_runs(runs, opts, names, tables, source, device, ranks)
+    except UserError as e:
+        if ranks.is_main or str(e).startswith("rank "):
+            raise
+        raise UserError(f"rank {ranks.rank}: {e}") from None
+    finally:
+        distributed.stop()
+
+
+def _local_rank() -> int:
+    try:
+        return int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError:
+        raise UserError(
+            f"LOCAL_RANK={os.environ['LOCAL_RANK']!r} is not an integer; launch with torchrun"
+        ) from None
+
+
+def _gpus(device: str) -> int:
+    """Visible GPUs, counted only when asked for one (no CUDA start-up otherwise)."""
+    if not device.startswith("cuda"):
+        return 0
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def _evaluate_runs(
+    runs: list[str],
+    opts: EvalOptions,
+    names: list[str],
+    tables: dict[str, dict[str, object]],
+    source: str,
+    device: str,
+    ranks: Ranks | None,
+) -> int:
+    """Evaluate each run; under torchrun every rank takes part and rank 0 alone writes and prints."""
+    from orthosae.eval.context import EvalContext
+    from orthosae.eval.runner import run_evals
+    from orthosae.train.distributed import on_main
+
+    main = ranks is None or ranks.is_main
+    model = None
+    shared: dict[object, object] = {}  # SAE-independent eval work (LM probes, activations), done once
+    for run_dir in runs:
         ctx = EvalContext.from_run(
             run_dir,
             model_name=opts.model,
             layer=opts.layer,
-            device=opts.device,
+            device=device,
             seed=opts.seed,
-            progress=opts.progress,
+            progress=opts.progress and main,
             model=model if model is not None and model.model_id == _model_id(opts, run_dir) else None,
             shared=shared,
+            ranks=ranks,
         )
-        results = run_evals(ctx, names, tables, source=source)
-        out = write_results(opts.out or Path(run_dir) / "eval.json", results)
-        print(f"wrote {out}")
-        sb_dir = Path(opts.saebench_dir or out.parent / "eval_results")
-        written = write_saebench_files(results, sb_dir, Path(run_dir).resolve().name)
-        print(f"wrote SAEBench files under {sb_dir} ({', '.join(p.parent.name for p in written) or 'none'})")
+        results = run_evals(ctx, names, tables, source=source, log=None if main else _silent)
+        on_main(ranks, functools.partial(_write, results, run_dir, opts), f"writing the results of {run_dir}")
         model = ctx._model
     return 0
+
+
+def _write(results: dict[str, Any], run_dir: str, opts: EvalOptions) -> None:
+    """eval.json and SAEBench's files of one run (rank 0 only under torchrun)."""
+    from orthosae.eval.runner import write_results
+    from orthosae.eval.saebench_files import write_saebench_files
+
+    out = write_results(opts.out or Path(run_dir) / "eval.json", results)
+    print(f"wrote {out}")
+    sb_dir = Path(opts.saebench_dir or out.parent / "eval_results")
+    written = write_saebench_files(results, sb_dir, Path(run_dir).resolve().name)
+    print(f"wrote SAEBench files under {sb_dir} ({', '.join(p.parent.name for p in written) or 'none'})")
+
+
+def _silent(_line: str) -> None:
+    """Progress lines of ranks other than 0: not printed (rank 0 prints the same)."""
 
 
 def _model_id(opts: EvalOptions, run_dir: str) -> str | None:

@@ -316,7 +316,10 @@ class PromptReader:
             seqs.append(ids[:end])
         self.n_prompts += len(seqs)
         self.n_tokens += sum(len(s) for s in seqs)
-        return acts_at_positions(loaded, self.ctx.layer, seqs, -1, self.batch_size, self.ctx.progress)
+        # Under torchrun each rank runs its share of the prompts and every rank gets every row (eval.ranks).
+        return acts_at_positions(
+            loaded, self.ctx.layer, seqs, -1, self.batch_size, self.ctx.progress, self.ctx.ranks
+        )
 
 
 def lm_data(ctx: EvalContext, cfg: Config) -> LMData:

@@ -9,6 +9,7 @@ from typing import Any
 from orthosae.errors import UserError
 from orthosae.models.loader import LoadedModel, load_model
 from orthosae.sae import SAE
+from orthosae.train.distributed import Ranks
 
 
 @dataclass
@@ -25,6 +26,8 @@ class EvalContext:
     shared: dict[Any, Any] = field(default_factory=dict, repr=False)
     """SAE-independent results (LM activations, LM probes, baseline answers) keyed by what they depend on:
     one dict handed to every SAE's context in an experiment, so that work is done once per model/layer."""
+    ranks: Ranks | None = field(default=None, repr=False)
+    """Under torchrun: this process's rank; the evals then split their LM forwards (eval.ranks)."""
 
     @classmethod
     def from_run(
@@ -38,6 +41,7 @@ class EvalContext:
         progress: bool = True,
         model: LoadedModel | None = None,
         shared: dict[Any, Any] | None = None,
+        ranks: Ranks | None = None,
     ) -> EvalContext:
         """Load the SAE in `run_dir` (ours, SAELens's or dictionary_learning's); the model and layer default
         to the ones its config records."""
@@ -62,6 +66,7 @@ class EvalContext:
             progress,
             model,
             shared if shared is not None else {},
+            ranks,
         )
 
     def memo(self, key: tuple[Any, ...], compute: Any) -> Any:

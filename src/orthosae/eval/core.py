@@ -19,10 +19,17 @@ on just the contexts holding an excluded token). Special tokens are never averag
 `exclude_special_tokens_from_reconstruction` off they are reconstructed in both splices (SAEBench's option).
 
 Intervals: percentile bootstrap over eval contexts (see `core_stats`).
+
+Under torchrun (`ctx.ranks`), forward batch i runs on rank i mod W (eval.ranks); the ranks then exchange
+what their batches left behind and every rank holds what one process collects (per-context sums and
+excluded positions in batch order, counts summed, co-active pairs combined), so the metrics and their
+intervals are one process's.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import time
 from collections import Counter
@@ -40,9 +47,11 @@ from orthosae.eval import core_stats as S
 from orthosae.eval import metrics as M
 from orthosae.eval import uncertainty as U
 from orthosae.eval.context import EvalContext
+from orthosae.eval.ranks import gather_objects, n_owned, owns
 from orthosae.eval.results import core_section
 from orthosae.eval.splice import ablated_logits, clean_run, spliced_logits
 from orthosae.sae import SAE
+from orthosae.train.distributed import Ranks, all_reduce_max_
 
 DEFAULT_HIGH_NORM = 10.0  # training's default (`orthosae train/cache --remove-high-norm`)
 
@@ -290,17 +299,17 @@ class _Collected:
     n_special: int = 0
     n_excluded_reconstruction: int = 0
     contexts_with_excluded: int = 0
-    positions: Counter[int] = field(default_factory=Counter)
+    positions: list[tuple[int, list[int]]] = field(default_factory=list)  # (batch, excluded positions)
     norm_over_median: list[float] = field(default_factory=list)
     all_tokens_forward_s: float = 0.0
     all_tokens_contexts: int = 0
 
 
 def _sparsity_batch(
-    col: _Collected, sae: SAE, hidden: torch.Tensor, masks: TokenMasks, cfg: Config
+    col: _Collected, sae: SAE, hidden: torch.Tensor, masks: TokenMasks, cfg: Config, batch: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encode the batch's tokens, add the statistics of both token sets; returns the positions encoded
-    and their x̂ (for the splice)."""
+    """Encode forward batch `batch`'s tokens, add the statistics of both token sets; returns the positions
+    encoded and their x̂ (for the splice)."""
     encoded = masks.splice_all
     x = hidden[encoded].float()
     x_hat, acts, idx = encode_sparse(sae, x)
@@ -316,16 +325,16 @@ def _sparsity_batch(
             cap = cfg.coactivation_max_latents
             per = col.coact[name].update(acts[sel][:, :cap], idx[sel][:, :cap]).to(x.device)
             values |= {f"coact_{k}": per[:, j] for j, k in enumerate(("s", "c", "ps", "p"))}
-        col.recon[name].add(S.by_context(values, context[sel], B))
+        col.recon[name].add(S.by_context(values, context[sel], B), batch)
     sel = masks.nonspecial[encoded]
     legacy = {"legacy": S.legacy_token_values(x[sel], x_hat[sel])}
-    col.legacy_all.add(S.by_context(legacy, context[sel], B))
+    col.legacy_all.add(S.by_context(legacy, context[sel], B), batch)
 
     excluded = masks.excluded
     col.n_special += int((~masks.nonspecial).sum())
     col.contexts_with_excluded += int(excluded.any(1).sum())
     if bool(excluded.any()):
-        col.positions.update(excluded.nonzero()[:, 1].tolist())
+        col.positions.append((batch, excluded.nonzero()[:, 1].tolist()))
         norms = hidden.float().norm(dim=-1)
         col.norm_over_median += (norms[excluded] / norms[masks.nonspecial].median()).tolist()
     return encoded, x_hat
@@ -359,14 +368,16 @@ def _loss_batch(
     replacement: torch.Tensor,
     masks: TokenMasks,
     cfg: Config,
+    batch: int,
 ) -> None:
-    """CE/KL sums of both token sets; logits are reduced to per-position losses one run at a time."""
+    """CE/KL sums of both token sets of forward batch `batch`; logits are reduced to per-position losses
+    one run at a time."""
     assert lm_losses is not None
     clean, abl = lm_losses
     spliced = spliced_logits(loaded_model, layer, tokens, replacement, masks.splice_kept)
     sae = position_losses(spliced, clean_logits, tokens, cfg)
     del spliced
-    col.losses["kept"].add(loss_sums(clean, sae, abl, masks.kept))
+    col.losses["kept"].add(loss_sums(clean, sae, abl, masks.kept), batch)
     col.n_excluded_reconstruction += int(masks.excluded.sum())
     if not cfg.all_tokens:
         return
@@ -383,7 +394,48 @@ def _loss_batch(
             torch.cuda.synchronize(tokens.device)
         col.all_tokens_forward_s += time.perf_counter() - start
         col.all_tokens_contexts += len(rows)
-    col.losses["all"].add(loss_sums(clean, sae_all, abl, masks.nonspecial))
+    col.losses["all"].add(loss_sums(clean, sae_all, abl, masks.nonspecial), batch)
+
+
+_COACT_SUMS = ("sum_s", "sum_c", "sum_prod_s", "sum_prod")
+
+
+def _gathered(col: _Collected, ranks: Ranks) -> _Collected:
+    """Every rank's statistics combined, on every rank, into what one process collects over all batches:
+    per-context sums and excluded positions in batch order, counts and firing counts summed, co-active
+    pairs OR-ed, their cos² sums added (in rank order: these few scalars may differ from one process's
+    batch-order sums in the last bits) and their maximum taken."""
+    coact = col.coact
+    if coact is not None:
+        for c in coact.values():
+            if c.seen is not None:  # n × n: reduced in place rather than sent whole from every rank
+                c.seen = all_reduce_max_(c.seen.to(torch.uint8), ranks, "combining co-active pairs").bool()
+    fields = (*_COACT_SUMS, "max_s")
+    totals = {k: [getattr(c, a) for a in fields] for k, c in coact.items()} if coact else None
+    parts: list[tuple[_Collected, Any]] = gather_objects(
+        (dataclasses.replace(col, coact=None), totals), ranks, "gathering the core eval's statistics"
+    )
+    cols = [p for p, _ in parts]
+    if coact is not None:
+        for k, c in coact.items():
+            sums = [t[k] for _, t in parts]
+            for j, attr in enumerate(_COACT_SUMS):
+                setattr(c, attr, sum(s[j] for s in sums))
+            c.max_s = max(s[-1] for s in sums)
+    return _Collected(
+        recon={k: S.in_batch_order([c.recon[k] for c in cols]) for k in col.recon},
+        legacy_all=S.in_batch_order([c.legacy_all for c in cols]),
+        losses={k: S.in_batch_order([c.losses[k] for c in cols]) for k in col.losses},
+        feats={k: functools.reduce(M.FeatureStats.merged, [c.feats[k] for c in cols]) for k in col.feats},
+        coact=coact,
+        n_special=sum(c.n_special for c in cols),
+        n_excluded_reconstruction=sum(c.n_excluded_reconstruction for c in cols),
+        contexts_with_excluded=sum(c.contexts_with_excluded for c in cols),
+        positions=[e for c in cols for e in c.positions],
+        norm_over_median=[r for c in cols for r in c.norm_over_median],
+        all_tokens_forward_s=sum(c.all_tokens_forward_s for c in cols),
+        all_tokens_contexts=sum(c.all_tokens_contexts for c in cols),
+    )
 
 
 # ----------------------------------------------------------------- results
@@ -470,6 +522,7 @@ def _token_stats(col: _Collected, kept: S.Sums | None, excluded: S.Sums | None) 
     n_excl = int(excluded["n"].sum()) if excluded else 0
     shares = S.excluded_shares(kept, excluded) if kept and excluded else {}
     ratios = sorted(col.norm_over_median)
+    positions = Counter(p for _, batch in sorted(col.positions, key=lambda e: e[0]) for p in batch)
     return {
         "total_tokens_eval_reconstruction": n_kept_recon,
         "total_tokens_eval_sparsity_variance": n_kept,
@@ -484,7 +537,7 @@ def _token_stats(col: _Collected, kept: S.Sums | None, excluded: S.Sums | None) 
         "n_excluded_high_norm_reconstruction": col.n_excluded_reconstruction,
         # Lists, so the compare table (numbers only) leaves them out.
         "excluded_norm_over_batch_median": [ratios[0], ratios[-1]] if ratios else None,
-        "excluded_positions": [[p, c] for p, c in col.positions.most_common(10)],
+        "excluded_positions": [[p, c] for p, c in positions.most_common(10)],
     }
 
 
@@ -534,13 +587,16 @@ def evaluate(ctx: EvalContext, cfg: Config) -> dict[str, Any]:
         else None,
     )
     n_done = 0
-    bar = _progress(ctx.progress, n_batches)
+    bar = _progress(ctx.progress, n_owned(n_batches, ctx.ranks))
     batches = iter(data)
     try:
         for i in range(n_batches):
             batch = next(batches, None)
             if batch is None:
                 break
+            n_done = i + 1
+            if not owns(i, ctx.ranks):  # another rank's batch (every rank reads the text to count them)
+                continue
             tokens = batch.tokens.to(device)
             # The SAE-independent forwards (clean, zero-ablated) are shared by every SAE of an experiment.
             recon = i < n_recon
@@ -557,7 +613,7 @@ def evaluate(ctx: EvalContext, cfg: Config) -> dict[str, Any]:
             splice_special = not cfg.exclude_special_tokens_from_reconstruction
             masks = token_masks(hidden, batch.mask.to(device), factor, splice_special)
             if i < n_sparse:
-                encoded, x_hat = _sparsity_batch(col, sae, hidden, masks, cfg)
+                encoded, x_hat = _sparsity_batch(col, sae, hidden, masks, cfg, i)
             else:
                 encoded = masks.splice_all
                 x_hat = sae.reconstruct(hidden[encoded].float())
@@ -565,10 +621,9 @@ def evaluate(ctx: EvalContext, cfg: Config) -> dict[str, Any]:
                 replacement = hidden.clone()
                 replacement[encoded] = x_hat.to(hidden.dtype)
                 _loss_batch(
-                    col, loaded.model, ctx.layer, tokens, clean_logits, lm_losses, replacement, masks, cfg
+                    col, loaded.model, ctx.layer, tokens, clean_logits, lm_losses, replacement, masks, cfg, i
                 )
                 del replacement
-            n_done = i + 1
             bar.update(1)
     finally:
         bar.close()
@@ -577,6 +632,8 @@ def evaluate(ctx: EvalContext, cfg: Config) -> dict[str, Any]:
             f"no held-out text left in corpus {cfg.dataset!r} after skipping the SAE's training tokens "
             f"({why}); evaluate on another corpus (core.dataset) or set core.skip_contexts"
         )
+    if ctx.ranks is not None:
+        col = _gathered(col, ctx.ranks)
 
     t_boot = time.perf_counter()
     kept = col.recon["kept"].stacked() or None

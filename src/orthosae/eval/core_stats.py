@@ -13,7 +13,7 @@ except for the legacy EV whose per-token ratio uses its own set's forward-batch 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -71,14 +71,17 @@ def add_sums(a: Sums, b: Sums) -> Sums:
 
 
 class ContextSums:
-    """Per-context sums collected batch by batch (each batch adds its own contexts)."""
+    """Per-context sums collected batch by batch (each batch adds its own contexts), each part tagged with
+    its forward batch so that the parts of several ranks can be put back in batch order (`in_batch_order`)."""
 
     def __init__(self) -> None:
         self.parts: dict[str, list[torch.Tensor]] = {}
+        self.batches: list[int] = []
 
-    def add(self, sums: Sums) -> None:
+    def add(self, sums: Sums, batch: int = 0) -> None:
         for k, v in sums.items():
             self.parts.setdefault(k, []).append(v)
+        self.batches.append(batch)
 
     def stacked(self) -> Sums:
         return {k: torch.cat(v) for k, v in self.parts.items()}
@@ -86,6 +89,16 @@ class ContextSums:
     @property
     def n_contexts(self) -> int:
         return sum(len(v) for v in next(iter(self.parts.values()), []))
+
+
+def in_batch_order(pieces: Sequence[ContextSums]) -> ContextSums:
+    """The parts of several collectors (one per rank, each holding different batches) as one collector
+    that saw every batch in order: the same per-context sums, in the same order, as one process."""
+    where = sorted((b, i, j) for i, piece in enumerate(pieces) for j, b in enumerate(piece.batches))
+    out = ContextSums()
+    for b, i, j in where:
+        out.add({k: v[j] for k, v in pieces[i].parts.items()}, b)
+    return out
 
 
 # ----------------------------------------------------------------- metrics of weighted contexts

@@ -2,7 +2,8 @@
 
 Right padding is safe for causal models: a real token never attends to the pad tokens after it, so the
 activations of real tokens are those of the unpadded prompt. Prompts are batched in length order (less
-padding, fewer wasted FLOPs) and the results are returned in the caller's order.
+padding, fewer wasted FLOPs) and the results are returned in the caller's order. Under torchrun each
+rank runs every W-th of those batches and the rows are summed over ranks (eval.ranks).
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import torch
 from tqdm.auto import tqdm
 
 from orthosae.activations.harvest import resid_post
+from orthosae.eval.ranks import check_same_inputs, owns, sum_rows_
 from orthosae.models.loader import LoadedModel
+from orthosae.train.distributed import Ranks
 
 
 def pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,15 +45,17 @@ def forward_batches(
     batch_size: int = 16,
     progress: bool = False,
     desc: str = "LM forward",
+    ranks: Ranks | None = None,
 ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
     """Yield (indices into `seqs`, resid_post (B, T, d) float32 on CPU, mask (B, T)) per batch.
 
-    Batches hold prompts of similar length; `indices` says which prompts each batch row is.
+    Batches hold prompts of similar length; `indices` says which prompts each batch row is. With `ranks`,
+    only this rank's batches (batch j of one process's order on rank j mod W), with the same contents.
     """
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     pad = pad_id_of(loaded.tokenizer)
     device = next(loaded.model.parameters()).device
-    starts = range(0, len(order), batch_size)
+    starts = [s for j, s in enumerate(range(0, len(order), batch_size)) if owns(j, ranks)]
     for start in tqdm(starts, disable=not progress, desc=desc, leave=False):
         idx = order[start : start + batch_size]
         ids, mask = pad_right([seqs[i] for i in idx], pad)
@@ -65,14 +70,18 @@ def acts_at_positions(
     position: int,
     batch_size: int = 16,
     progress: bool = False,
+    ranks: Ranks | None = None,
 ) -> torch.Tensor:
     """resid_post at one position of every prompt, (N, d). A negative `position` counts from each prompt's
-    own end (-1 = its last token), so prompts of different lengths can share a template offset."""
+    own end (-1 = its last token), so prompts of different lengths can share a template offset. With
+    `ranks`, each rank runs its batches and every rank returns all N rows."""
+    check_same_inputs(seqs, ranks, "prompts")
     out = torch.zeros(len(seqs), loaded.d_model)
-    for idx, acts, mask in forward_batches(loaded, layer, seqs, batch_size, progress, "prompt acts"):
+    batches = forward_batches(loaded, layer, seqs, batch_size, progress, "prompt acts", ranks)
+    for idx, acts, mask in batches:
         lengths = mask.sum(dim=1)
         pos = lengths + position if position < 0 else torch.full_like(lengths, position)
         if (pos < 0).any() or (pos >= lengths).any():
             raise ValueError(f"position {position} is outside a prompt of the batch")
         out[idx] = acts[torch.arange(len(idx)), pos]
-    return out
+    return sum_rows_(out, ranks, "gathering prompt activations")

@@ -25,6 +25,10 @@ some test texts (one task's positive is another's negative); `*_top_100_test_acc
 The LM part (tokenising, the forward pass, the LM probes) does not depend on the SAE and is done once per
 model, layer and config for all SAEs of an experiment (EvalContext.memo); within `token_cache_gb` the
 per-token activations are kept too, so each further SAE only encodes them.
+
+Under torchrun (`ctx.ranks`) the LM forward and the SAE encoding are split between the ranks by batch
+(eval.ranks, probing_acts), every rank gets every pooled row, and the probes are then fitted on every rank
+on the same pooled vectors.
 """
 
 from __future__ import annotations
@@ -260,6 +264,7 @@ def prepare(ctx: EvalContext, cfg: Config, data: LabelledTexts) -> Prepared:
         keep_tokens=held + need <= cfg.token_cache_gb * 2**30,
         batch_size=cfg.llm_batch_size,
         progress=ctx.progress,
+        ranks=ctx.ranks,
     )
     llm = [probe_correct(*task_tensors(got.lm, t), cfg.k_values) for t in tasks]
     return Prepared(
@@ -268,9 +273,10 @@ def prepare(ctx: EvalContext, cfg: Config, data: LabelledTexts) -> Prepared:
 
 
 def sae_pooled(ctx: EvalContext, cfg: Config, prep: Prepared, encode: Any) -> torch.Tensor:
-    """(N, d_sae) pooled latents of the dataset's texts: from the kept tokens, or by running the LM again."""
+    """(N, d_sae) pooled latents of the dataset's texts: from the kept tokens, or by running the LM again.
+    Under torchrun every rank gets every row (probing_acts)."""
     if prep.tokens is not None:
-        return prep.tokens.pooled(encode, cfg.sae_batch_size)
+        return prep.tokens.pooled(encode, cfg.sae_batch_size, ctx.ranks)
     got = collect(
         ctx.model,
         ctx.layer,
@@ -279,6 +285,7 @@ def sae_pooled(ctx: EvalContext, cfg: Config, prep: Prepared, encode: Any) -> to
         encode=encode,
         batch_size=cfg.llm_batch_size,
         progress=ctx.progress,
+        ranks=ctx.ranks,
     )
     assert got.latents is not None
     return got.latents
@@ -327,6 +334,11 @@ def summarise(
 def evaluate(ctx: EvalContext, cfg: Config) -> dict[str, Any]:
     cfg.validate()
     sae = folded(ctx.sae)  # unit-norm decoder rows, so latents are comparable (SAEBench folds too)
+    device = sae.W_dec.device
+
+    def encode(x: torch.Tensor) -> torch.Tensor:  # activations are kept on the host; the SAE may not be
+        return sae.encode(x.to(device)).float().cpu()
+
     memo_key = (
         EVAL_TYPE_ID,
         cfg.probe_train_set_size,
@@ -340,7 +352,7 @@ def evaluate(ctx: EvalContext, cfg: Config) -> dict[str, Any]:
     extras: dict[str, dict[str, Any]] = {}
     for name in cfg.dataset_names:
         prep: Prepared = ctx.memo((*memo_key, name), lambda name=name: prepare(ctx, cfg, load_dataset(name)))
-        z = sae_pooled(ctx, cfg, prep, sae.encode)
+        z = sae_pooled(ctx, cfg, prep, encode)
         d = f"{name}_results"
         per_task[d], counts[d] = {}, {}
         sae_rank = {}

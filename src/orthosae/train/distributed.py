@@ -10,6 +10,9 @@ median, the AuxK denominator, L_orth, the EMAs and the dead-feature counters) ar
 
 A single-process run (WORLD_SIZE unset or 1) starts no process group and runs no collective: the trainer
 and the loop skip every hook when their `ranks` is None, so its step stays free of host syncs.
+
+`orthosae cache` under torchrun joins the same way and uses these collectives (orthosae.activations.cache),
+with its own resume hint in the failure messages.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from orthosae.errors import UserError
 from orthosae.sae.base import stored_transposed
 
 EXIT_CODE = 1  # a failed peer is not bad input (2); torchrun reports the first failing rank
+RESUME_HINT = "Continue from the last checkpoint with --resume under the same world size"
 
 
 class RankFailure(UserError):
@@ -53,6 +57,7 @@ class Ranks:
     local_rank: int
     timeout_s: float
     control: Any = None  # gloo group for host-side flags when the main backend is nccl; None: the default
+    hint: str = RESUME_HINT  # what a failure message tells the user to do next
 
     @property
     def is_main(self) -> bool:
@@ -98,10 +103,11 @@ def check_options(*, batch_size: int, streaming: bool, world: int, compiled: boo
         )
 
 
-def start(device: str, timeout_s: float) -> Ranks:
+def start(device: str, timeout_s: float, hint: str = RESUME_HINT) -> Ranks:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT).
 
     gloo on CPU, nccl on CUDA with this process pinned to cuda:LOCAL_RANK (so plain "cuda" means it).
+    `hint` ends every failure message (how to continue after a lost rank).
     """
     missing = [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
@@ -123,10 +129,10 @@ def start(device: str, timeout_s: float) -> Ranks:
     timeout = timedelta(seconds=timeout_s)
     global _started
     _started = True
-    with failures(rank, timeout_s, "joining the process group"):
+    with failures(rank, timeout_s, "joining the process group", hint):
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
         control = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
-    return Ranks(rank, world, local_rank, timeout_s, control)
+    return Ranks(rank, world, local_rank, timeout_s, control, hint)
 
 
 def stop() -> None:
@@ -154,24 +160,21 @@ def exit_process(code: int) -> None:
 
 
 @contextlib.contextmanager
-def failures(rank: int, timeout_s: float, what: str) -> Iterator[None]:
+def failures(rank: int, timeout_s: float, what: str, hint: str = RESUME_HINT) -> Iterator[None]:
     """Turn the RuntimeError a collective raises (gloo: a reset connection, a timeout) into one line."""
     try:
         yield
     except RuntimeError as e:
-        raise RankFailure(failure_message(rank, timeout_s, what, str(e))) from None
+        raise RankFailure(failure_message(rank, timeout_s, what, str(e), hint)) from None
 
 
-def failure_message(rank: int, timeout_s: float, what: str, raw: str) -> str:
+def failure_message(rank: int, timeout_s: float, what: str, raw: str, hint: str = RESUME_HINT) -> str:
     reason = _short(raw)
     if "timed out" in raw.lower() or "timeout" in raw.lower():
         cause = f"no answer from another rank within --dist-timeout {timeout_s:g} s (hung or stopped?)"
     else:
         cause = "lost contact with another rank (it exited or was killed: see its output)"
-    return (
-        f"rank {rank}: {cause} while {what} ({reason}); stopping. Continue from the last checkpoint "
-        "with --resume under the same world size"
-    )
+    return f"rank {rank}: {cause} while {what} ({reason}); stopping. {hint}"
 
 
 def _short(raw: str) -> str:
@@ -185,7 +188,7 @@ def _short(raw: str) -> str:
 
 
 def all_reduce_sum_(t: torch.Tensor, ranks: Ranks, what: str = "summing statistics") -> torch.Tensor:
-    with failures(ranks.rank, ranks.timeout_s, what):
+    with failures(ranks.rank, ranks.timeout_s, what, ranks.hint):
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
@@ -195,7 +198,7 @@ def all_reduce_mean_(t: torch.Tensor, ranks: Ranks, what: str = "averaging stati
 
 
 def all_reduce_max_(t: torch.Tensor, ranks: Ranks, what: str = "combining statistics") -> torch.Tensor:
-    with failures(ranks.rank, ranks.timeout_s, what):
+    with failures(ranks.rank, ranks.timeout_s, what, ranks.hint):
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t
 
@@ -203,7 +206,7 @@ def all_reduce_max_(t: torch.Tensor, ranks: Ranks, what: str = "combining statis
 def all_gather_rows(x: torch.Tensor, ranks: Ranks) -> torch.Tensor:
     """Every rank's (b, d) rows stacked in rank order: the global batch, as one process would see it."""
     parts = [torch.empty_like(x) for _ in range(ranks.world)]
-    with failures(ranks.rank, ranks.timeout_s, "gathering the first batch"):
+    with failures(ranks.rank, ranks.timeout_s, "gathering the first batch", ranks.hint):
         dist.all_gather(parts, x.contiguous())
     return torch.cat(parts)
 
@@ -228,7 +231,7 @@ def average_gradients_(params: Sequence[torch.nn.Parameter], ranks: Ranks) -> No
 def any_rank(flag: bool, ranks: Ranks, what: str) -> bool:
     """True on every rank when `flag` is true on any: a host-side agreement (a stop signal, a failure)."""
     t = torch.tensor([int(flag)], dtype=torch.int32)
-    with failures(ranks.rank, ranks.timeout_s, what):
+    with failures(ranks.rank, ranks.timeout_s, what, ranks.hint):
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ranks.control)
     return bool(t.item())
 
