@@ -56,6 +56,7 @@ _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 _IDENTITY = (
     "model_id",
     "model_revision",
+    "model_dtype",
     "layer",
     "context_size",
     "dtype",
@@ -118,6 +119,7 @@ def build_cache(
         "version": VERSION,
         "model_id": loaded.model_id,
         "model_revision": loaded.revision,
+        "model_dtype": loaded.dtype,
         "family": loaded.family,
         "layer": layer,
         "hook_name": hook_name(layer),
@@ -226,6 +228,7 @@ def _start_manifest(out: Path, wanted: dict[str, Any], n_tokens: int) -> dict[st
     path = out / MANIFEST
     if path.is_file():
         manifest = _read_manifest(out)
+        manifest.setdefault("model_dtype", "float32")  # caches from before the model dtype was recorded
         diffs = [
             f"{k}={manifest.get(k)!r} (requested {wanted[k]!r})"
             for k in _IDENTITY

@@ -30,7 +30,8 @@ class CacheConfig:
     dtype: Literal["float32", "float16"] = "float32"
     """Storage dtype of the cached activations."""
     model_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Dtype the model runs in."""
+    """Dtype the model runs in (activations are stored as --dtype either way); recorded in the manifest,
+    and a cache is only resumed or extended with the same one."""
     remove_high_norm: float = 10.0
     """Drop tokens whose norm exceeds this multiple of the batch median (attention sinks); 0 keeps all."""
     shard_tokens: int = 65_536

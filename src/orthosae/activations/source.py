@@ -23,6 +23,7 @@ from orthosae.activations.stream import StreamWindows
 from orthosae.data.texts import describe
 from orthosae.models.blocks import check_layer
 from orthosae.models.loader import LoadedModel, load_model
+from orthosae.train.distributed import Ranks
 
 
 @dataclass
@@ -86,9 +87,15 @@ def stream_activations(
     model: LoadedModel | None = None,
     remove_high_norm: float = 10.0,
     progress: bool = True,
+    model_dtype: str = "float32",
+    ranks: Ranks | None = None,
 ) -> ActivationSource:
-    """Shuffled batches harvested on the fly (one pass over about `n_tokens` tokens; no disk)."""
-    loaded = model or load_model(model_name)
+    """Shuffled batches harvested on the fly (one pass over about `n_tokens` tokens; no disk).
+
+    `model_dtype`: the dtype the model is loaded in (batches are float32 whatever it is). `ranks` (torchrun):
+    every rank harvests its share of each window and yields its slice of each global batch (see
+    orthosae.activations.stream); every rank must call this alike."""
+    loaded = model or load_model(model_name, dtype=model_dtype)
     layer = check_layer(layer, loaded.n_layers)
     windows = StreamWindows(
         loaded,
@@ -100,11 +107,14 @@ def stream_activations(
         forward_batch=forward_batch,
         remove_high_norm=remove_high_norm,
         progress=progress,
+        ranks=ranks,
     )
-    buffer = ShuffleBuffer(windows, batch_size=batch_size, seed=seed, max_epochs=1, state=state)
+    part = (0, 1) if ranks is None else (ranks.rank, ranks.world)
+    buffer = ShuffleBuffer(windows, batch_size=batch_size, seed=seed, max_epochs=1, state=state, part=part)
     metadata = {
         "model_id": loaded.model_id,
         "model_revision": loaded.revision,
+        "model_dtype": loaded.dtype,
         "layer": layer,
         "hook_name": hook_name(layer),
         "context_size": context_size,

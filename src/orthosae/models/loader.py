@@ -34,6 +34,7 @@ class LoadedModel:
     n_layers: int
     d_model: int
     family: str  # config.model_type, e.g. "llama", "gpt2", "gpt_neox"
+    dtype: str = "float32"  # the dtype the weights were loaded in: "float32", "bfloat16" or "float16"
 
     @property
     def blocks(self) -> nn.ModuleList:
@@ -47,6 +48,11 @@ def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:
         return _DTYPES[dtype.lower()]
     except KeyError:
         raise UserError(f"unknown dtype {dtype!r}: use one of {', '.join(sorted(_DTYPES))}") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """A model dtype's name as manifests and metadata record it: torch.bfloat16 → "bfloat16"."""
+    return str(dtype).removeprefix("torch.")
 
 
 def load_model(name: str, *, dtype: torch.dtype | str = torch.float32, device: str = "cpu") -> LoadedModel:
@@ -92,6 +98,7 @@ def load_model(name: str, *, dtype: torch.dtype | str = torch.float32, device: s
         n_layers=len(find_blocks(model)),
         d_model=int(config.hidden_size),
         family=str(config.model_type),
+        dtype=dtype_name(torch_dtype),
     )
 
 

@@ -27,6 +27,9 @@ class TrainConfig:
     """Tokens per context when streaming (BOS included)."""
     remove_high_norm: float = 10.0
     """When streaming: drop tokens whose norm exceeds this multiple of the batch median; 0 keeps all."""
+    model_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """When streaming: the dtype --model runs in (bfloat16 halves its memory and speeds it up on recent
+    hardware); the SAE always receives float32 activations."""
     model_name: str | None = None
     """The language model --activations came from, recorded in cfg.json (SAELens's metadata) for files
     that do not record it (.npy/.safetensors arrays); a cache or --model records its own."""

@@ -35,7 +35,8 @@ def open_stream(
     """Open the data `cfg` names, at position `state` (from `ActivationStream.state()`) when given.
 
     `part=(rank, world)`: yield only this rank's rows [rank·B/world, (rank+1)·B/world) of each global
-    batch of cfg.batch_size (B); the position stays the global one, the same on every rank."""
+    batch of cfg.batch_size (B); the position stays the global one, the same on every rank. A live stream
+    (--model) under torchrun also shares the forward passes: each rank harvests part of every window."""
     if cfg.activations is not None:
         path = Path(cfg.activations)
         if path.is_dir():
@@ -44,8 +45,7 @@ def open_stream(
         inner = _inner(state, "array")
         batches = ArrayBatches(arr, cfg.batch_size, cfg.seed, cfg.device, state=inner, part=part)
         return _named(ActivationStream(arr.shape[1], batches, state=batches.state), cfg)
-    assert part[1] == 1, "streaming is refused in multi-process runs (distributed.check_options)"
-    return _named(_live_stream(cfg, state), cfg)
+    return _named(_live_stream(cfg, state, part), cfg)
 
 
 def _named(stream: ActivationStream, cfg: TrainConfig) -> ActivationStream:
@@ -96,8 +96,9 @@ def _cache_stream(
     return _wrap(src, cfg, f"activation cache {path}", "cache", ident)
 
 
-def _live_stream(cfg: TrainConfig, state: dict[str, Any] | None) -> ActivationStream:
+def _live_stream(cfg: TrainConfig, state: dict[str, Any] | None, part: tuple[int, int]) -> ActivationStream:
     from orthosae.activations.source import stream_activations
+    from orthosae.train import distributed
 
     assert cfg.model is not None and cfg.layer is not None
     inner = _inner(state, "stream")
@@ -117,6 +118,8 @@ def _live_stream(cfg: TrainConfig, state: dict[str, Any] | None) -> ActivationSt
             remove_high_norm=cfg.remove_high_norm,
             progress=False,
             state=_buffer_state(inner, cfg.model),
+            model_dtype=cfg.model_dtype,
+            ranks=distributed.current() if part[1] > 1 else None,
         )
     return _wrap(src, cfg, f"activations of {cfg.model} layer {cfg.layer}", "stream", {})
 

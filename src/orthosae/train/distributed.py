@@ -85,7 +85,9 @@ def env_rank() -> int:
 
 
 def check_options(*, batch_size: int, streaming: bool, world: int, compiled: bool = False) -> None:
-    """What a multi-process run refuses up front, identically on every rank."""
+    """What a multi-process run refuses up front, identically on every rank. Streaming from --model
+    (`streaming`) is accepted: every rank harvests its share of each window (orthosae.activations.stream)."""
+    del streaming
     if compiled:
         raise UserError(
             "--compile is not supported under torchrun yet (the compiled step would contain the "
@@ -95,11 +97,6 @@ def check_options(*, batch_size: int, streaming: bool, world: int, compiled: boo
         raise UserError(
             f"--batch-size {batch_size} is the global batch and must be divisible by the world size "
             f"{world}; use a multiple of {world}"
-        )
-    if streaming:
-        raise UserError(
-            "streaming from --model runs in one process only; build a cache first (orthosae cache --model "
-            "... --out CACHE) and train with --activations CACHE"
         )
 
 
@@ -132,7 +129,17 @@ def start(device: str, timeout_s: float, hint: str = RESUME_HINT) -> Ranks:
     with failures(rank, timeout_s, "joining the process group", hint):
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
         control = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
-    return Ranks(rank, world, local_rank, timeout_s, control, hint)
+    global _current
+    _current = Ranks(rank, world, local_rank, timeout_s, control, hint)
+    return _current
+
+
+def current() -> Ranks:
+    """The Ranks `start` returned in this process: for code that the loop hands only (rank, world), such
+    as a live stream, whose ranks exchange activations."""
+    if _current is None:
+        raise RuntimeError("no process group: call distributed.start first")
+    return _current
 
 
 def stop() -> None:
@@ -141,6 +148,7 @@ def stop() -> None:
 
 
 _started = False  # whether this process joined (or tried to join) a process group
+_current: Ranks | None = None  # what start() returned
 
 
 def exit_process(code: int) -> None:
@@ -209,6 +217,20 @@ def all_gather_rows(x: torch.Tensor, ranks: Ranks) -> torch.Tensor:
     with failures(ranks.rank, ranks.timeout_s, "gathering the first batch", ranks.hint):
         dist.all_gather(parts, x.contiguous())
     return torch.cat(parts)
+
+
+def all_gather_ragged(x: torch.Tensor, counts: Sequence[int], ranks: Ranks, what: str) -> torch.Tensor:
+    """Every rank's host rows stacked in rank order, on every rank; rank r holds `counts[r]` (n, d) rows
+    and every rank passes the same counts. Over the control group: gloo, even beside nccl."""
+    most = max(counts)
+    if most == 0:
+        return x[:0]
+    padded = torch.zeros(most, *x.shape[1:], dtype=x.dtype)  # all_gather needs equal shapes
+    padded[: len(x)] = x
+    parts = [torch.empty_like(padded) for _ in counts]
+    with failures(ranks.rank, ranks.timeout_s, what, ranks.hint):
+        dist.all_gather(parts, padded, group=ranks.control)
+    return torch.cat([part[:n] for part, n in zip(parts, counts, strict=True)])
 
 
 def average_gradients_(params: Sequence[torch.nn.Parameter], ranks: Ranks) -> None:
