@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from orthosae.errors import UserError
+
+if TYPE_CHECKING:
+    from orthosae.models.loader import LoadedModel
+    from orthosae.train.distributed import Ranks
 
 
 @dataclass
@@ -52,14 +56,14 @@ class CacheConfig:
         if self.context_size < 2:
             raise UserError("--context-size must be at least 2 (BOS plus one token)")
 
-    def build(self) -> Path:
-        """Harvest (or resume, or reuse) the cache this config describes."""
+    def build(self, model: LoadedModel | None = None, ranks: Ranks | None = None) -> Path:
+        """Harvest (or resume, or reuse) the cache this config describes; `model` reuses a loaded model,
+        `ranks` splits the harvest across torchrun ranks."""
         from orthosae.activations.cache import build_cache
 
         self.validate()
         assert self.out is not None and self.layer is not None
-        model = None
-        if self.model_dtype != "float32":
+        if model is None and self.model_dtype != "float32":
             from orthosae.models import load_model
 
             model = load_model(self.model, dtype=self.model_dtype)
@@ -77,4 +81,5 @@ class CacheConfig:
             remove_high_norm=self.remove_high_norm,
             shard_tokens=self.shard_tokens,
             progress=self.progress,
+            ranks=ranks,
         )

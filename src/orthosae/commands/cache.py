@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(ns: argparse.Namespace) -> int:
-    from orthosae.activations.cache import RESUME_HINT, build_cache
+    from orthosae.activations.cache import RESUME_HINT
     from orthosae.models import load_model
     from orthosae.train import distributed
 
@@ -50,22 +50,7 @@ def run(ns: argparse.Namespace) -> int:
     # The collectives only carry a few counts between hosts: gloo, whatever device the model is on.
     ranks = distributed.start("cpu", opts.dist_timeout, RESUME_HINT) if world > 1 else None
     try:
-        out = build_cache(
-            cfg.out,
-            model_name=cfg.model,
-            layer=cfg.layer,
-            n_tokens=cfg.tokens,
-            corpus=cfg.corpus,
-            text_field=cfg.text_field,
-            context_size=cfg.context_size,
-            batch_size=cfg.batch_size,
-            dtype=cfg.dtype,
-            model=model,
-            remove_high_norm=cfg.remove_high_norm,
-            shard_tokens=cfg.shard_tokens,
-            progress=cfg.progress,
-            ranks=ranks,
-        )
+        out = cfg.build(model=model, ranks=ranks)
     finally:
         if ranks is not None:
             distributed.stop()

@@ -40,9 +40,7 @@ def run(ns: argparse.Namespace) -> int:
     if world == 1:
         ranks = None
     else:  # launched by torchrun: every rank checks the same options, then joins the group
-        distributed.check_options(
-            batch_size=cfg.batch_size, streaming=cfg.model is not None, world=world, compiled=cfg.compile
-        )
+        distributed.check_options(batch_size=cfg.batch_size, world=world, compiled=cfg.compile)
         ranks = distributed.start(cfg.device, cfg.dist_timeout)
     main = ranks is None or ranks.is_main
     try:

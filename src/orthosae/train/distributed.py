@@ -84,10 +84,9 @@ def env_rank() -> int:
         return 0
 
 
-def check_options(*, batch_size: int, streaming: bool, world: int, compiled: bool = False) -> None:
-    """What a multi-process run refuses up front, identically on every rank. Streaming from --model
-    (`streaming`) is accepted: every rank harvests its share of each window (orthosae.activations.stream)."""
-    del streaming
+def check_options(*, batch_size: int, world: int, compiled: bool = False) -> None:
+    """What a multi-process run refuses up front, identically on every rank. (Streaming from --model is
+    accepted: every rank harvests its share of each window, orthosae.activations.stream.)"""
     if compiled:
         raise UserError(
             "--compile is not supported under torchrun yet (the compiled step would contain the "
@@ -211,10 +210,10 @@ def all_reduce_max_(t: torch.Tensor, ranks: Ranks, what: str = "combining statis
     return t
 
 
-def all_gather_rows(x: torch.Tensor, ranks: Ranks) -> torch.Tensor:
+def all_gather_rows(x: torch.Tensor, ranks: Ranks, what: str = "gathering the first batch") -> torch.Tensor:
     """Every rank's (b, d) rows stacked in rank order: the global batch, as one process would see it."""
     parts = [torch.empty_like(x) for _ in range(ranks.world)]
-    with failures(ranks.rank, ranks.timeout_s, "gathering the first batch", ranks.hint):
+    with failures(ranks.rank, ranks.timeout_s, what, ranks.hint):
         dist.all_gather(parts, x.contiguous())
     return torch.cat(parts)
 

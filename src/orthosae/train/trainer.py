@@ -234,7 +234,7 @@ class Trainer:
         """Every rank's equally shaped `t`, concatenated along dim 0 in rank order."""
         if self.ranks is None:
             return t
-        return ddp.all_gather_rows(t, self.ranks)
+        return ddp.all_gather_rows(t, self.ranks, "gathering the batch-wide selection")
 
     def penalty(
         self, acts: torch.Tensor, idx: torch.Tensor, recon: torch.Tensor
