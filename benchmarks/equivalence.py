@@ -11,6 +11,11 @@ decay_start=1.0; theirs warmup_steps=0, decay_start=None), the same threshold st
 threshold from the step after it) and, for JumpReLU, the same sparsity warm-up and target L0. Held-out MSE
 is reported with each SAE's inference rule (BatchTopK/Matryoshka: the learned threshold; JumpReLU: its
 thresholds) and, for the BatchTopK family, also with the training rule (batch top-k).
+
+Normalisation (--normalize; default: orthosae's per-architecture default, i.e. JumpReLU only): ours trains
+on raw batches with normalize_activations and folds the factor into the saved SAE; dictionary_learning's
+trainer gets the batches divided by the same factor (what its trainSAE does with normalize_activations) and
+its own `scale_biases` folds the factor back, so both are scored on the raw held-out batches.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ sys.path.insert(0, str(HERE.parent / "src"))
 
 ARCHS = ("batchtopk", "matryoshka", "jumprelu")
 FRACTIONS = [1 / 32, 1 / 16, 1 / 8, 1 / 4, 17 / 32]  # orthosae's default --matryoshka-fractions
+NORMALIZE: dict[str, bool | None] = {"default": None, "on": True, "off": False}
 DL_MODULES = {
     "batchtopk": "dictionary_learning.trainers.batch_top_k",
     "matryoshka": "dictionary_learning.trainers.matryoshka_batch_top_k",
@@ -54,12 +60,15 @@ def _dl_module(name: str) -> Any:
     return importlib.import_module(name)
 
 
-def _ours_cfg(arch: str, d_sae: int, k: int, b: int, steps: int, start: int) -> Any:
+def _ours_cfg(
+    arch: str, d_sae: int, k: int, b: int, steps: int, start: int, normalize: bool | None = None
+) -> Any:
     from orthosae.train.config import TrainConfig
 
     return TrainConfig(
         activations="eq.npy", arch=arch, d_sae=d_sae, k=k, batch_size=b, steps=steps, warmup_steps=0,
         decay_start=1.0, threshold_start_step=start, sparsity_warmup_steps=start, seed=0,
+        normalize_activations=normalize,
     )  # fmt: skip
 
 
@@ -90,7 +99,10 @@ def _load_into_dl(arch: str, ae: Any, params: dict[str, Any]) -> None:
                 getattr(ae, name).copy_(params[name])
 
 
-def worker(side: str, arch: str, data: str, init: str, steps: int, k: int, start: int) -> dict[str, Any]:
+def worker(
+    side: str, arch: str, data: str, init: str, steps: int, k: int, start: int, factor: float
+) -> dict[str, Any]:
+    """factor: the normalisation factor, 0 for none."""
     import torch
 
     batches = torch.load(data)
@@ -100,13 +112,15 @@ def worker(side: str, arch: str, data: str, init: str, steps: int, k: int, start
     if side == "ours":
         from orthosae.train.trainer import Trainer
 
-        tr = Trainer(_ours_cfg(arch, n, k, batches.shape[1], steps, start), d)
+        tr = Trainer(_ours_cfg(arch, n, k, batches.shape[1], steps, start, factor > 0), d)
         with torch.no_grad():
             for name, p in tr.sae.named_parameters():
                 p.copy_(params[name])
         for x in train:
             tr.step(x)
-        sae: Any = tr.sae
+        if factor:
+            assert abs(tr.norm_factor - factor) <= 1e-6 * factor, (tr.norm_factor, factor)
+        sae: Any = tr.trained_sae()
         infer = sae.reconstruct
         training_rule = (
             (lambda x: sae.decode(sae.encode(x, use_threshold=False))) if arch != "jumprelu" else None
@@ -116,8 +130,10 @@ def worker(side: str, arch: str, data: str, init: str, steps: int, k: int, start
         tr = _dl_trainer(arch, d, n, k, steps, start)
         _load_into_dl(arch, tr.ae, params)
         for i, x in enumerate(train):
-            tr.update(i, x)
+            tr.update(i, x / factor if factor else x)
         ae = tr.ae
+        if factor:
+            ae.scale_biases(factor)
         infer = ae
         training_rule = (
             (lambda x: ae.decode(ae.encode(x, use_threshold=False))) if arch != "jumprelu" else None
@@ -157,7 +173,12 @@ def driver(args: argparse.Namespace) -> None:
     python = {"ours": sys.executable, "dl": str(ensure_dl_venv())}
     env = {**os.environ, "PYTHONPATH": str(HERE.parent / "src")}
     for arch in args.archs.split(","):
-        sae = build_sae(_ours_cfg(arch, args.d_sae, args.k, args.batch, args.steps, start), d)
+        cfg = _ours_cfg(arch, args.d_sae, args.k, args.batch, args.steps, start, NORMALIZE[args.normalize])
+        sae = build_sae(cfg, d)
+        rms = float(batches[0].double().pow(2).sum(dim=-1).mean().sqrt())
+        factor = rms if cfg.resolved_normalize() else 0.0
+        if factor:
+            print(f"  {arch:10s} normalised: the first batch's root mean squared norm is {factor:.3f}")
         torch.save({name: p.detach().clone() for name, p in sae.named_parameters()}, tmp / f"{arch}.pt")
         res: dict[str, dict[str, Any]] = {}
         for side in ("ours", "dl"):
@@ -172,7 +193,7 @@ def driver(args: argparse.Namespace) -> None:
                 str(tmp / "batches.pt"),
             ]
             cmd += ["--init", str(tmp / f"{arch}.pt"), "--steps", str(args.steps), "--k", str(args.k)]
-            cmd += ["--start", str(start)]
+            cmd += ["--start", str(start), "--norm-factor", repr(factor)]
             t = time.perf_counter()
             done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
             if done.returncode != 0:
@@ -203,10 +224,14 @@ def main() -> None:
     p.add_argument("--k", type=int, default=32)
     for hidden in ("--worker", "--arch", "--data", "--init"):
         p.add_argument(hidden, help=argparse.SUPPRESS)
+    p.add_argument("--normalize", choices=list(NORMALIZE), default="default")
     p.add_argument("--start", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--norm-factor", type=float, default=0.0, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        out = worker(args.worker, args.arch, args.data, args.init, args.steps, args.k, args.start)
+        out = worker(
+            args.worker, args.arch, args.data, args.init, args.steps, args.k, args.start, args.norm_factor
+        )
         print(json.dumps(out))
     elif not args.cache:
         p.error("--cache DIR is required")

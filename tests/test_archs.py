@@ -99,7 +99,12 @@ def _ste_step(f, theta, eps):
 
 
 def test_jumprelu_steps_match_literal_reference():
-    cfg = _cfg(arch="jumprelu", sparsity_warmup_steps=2, jumprelu_bandwidth=0.5)  # a wide kernel: dθ ≠ 0
+    cfg = _cfg(
+        arch="jumprelu",
+        sparsity_warmup_steps=2,
+        jumprelu_bandwidth=0.5,  # a wide kernel: dθ ≠ 0
+        normalize_activations=False,
+    )  # the step on raw inputs (test_normalize covers scaling)
     tr = Trainer(cfg, D)
     with torch.no_grad():
         tr.sae.threshold.fill_(0.3)

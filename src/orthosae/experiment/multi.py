@@ -53,7 +53,7 @@ def train_many(cfgs: dict[str, TrainConfig], *, progress: bool = True) -> dict[s
         for t in trackers.values():
             t.close()
     for name, tr in trainers.items():
-        save_sae(tr.sae, outs[name], run_cfg(cfgs[name], tr, stream.meta, tokens))
+        save_sae(tr.trained_sae(), outs[name], run_cfg(cfgs[name], tr, stream.meta, tokens))
     return outs
 
 

@@ -90,6 +90,17 @@ class SAE(nn.Module):
         dots = torch.bmm(grad.unsqueeze(1), W.unsqueeze(2)).view(-1)
         grad.addcmul_(W, (dots / sq_norm).unsqueeze(1), value=-1)
 
+    @torch.no_grad()
+    def scale_input_(self, s: float) -> None:
+        """Turn an SAE trained on x/s into one that takes x (dictionary_learning's scale_biases): biases and
+        thresholds times s, so its codes and reconstructions are s times the trained SAE's on x/s (every
+        architecture's encoder is positively homogeneous once its biases and thresholds scale with x)."""
+        self.b_enc.mul_(s)
+        self.b_dec.mul_(s)
+        threshold = getattr(self, "threshold", None)
+        if isinstance(threshold, torch.Tensor):  # a value < 0 means "not tracked yet" and stays so
+            threshold.copy_(torch.where(threshold >= 0, threshold * s, threshold))
+
     def hyperparams(self) -> dict[str, object]:
         """Architecture settings that cfg.json must hold to rebuild this module."""
         return {"arch": self.arch, "d_in": self.d_in, "d_sae": self.d_sae}

@@ -67,6 +67,12 @@ class TrainConfig:
     sparsity_warmup_steps: int | None = None
     """JumpReLU: steps over which the sparsity penalty ramps linearly from 0; default min(2000, steps/5)."""
 
+    normalize_activations: bool | None = None
+    """Train on activations scaled to unit mean squared norm (dictionary_learning's normalize_activations;
+    the factor is measured on the first batch and folded into the saved biases and thresholds, so the saved
+    SAE takes raw activations); default on for jumprelu, whose threshold and bandwidth constants assume that
+    scale, off for the others."""
+
     # --- optimisation -----------------------------------------------------------------------------
     steps: int = 1000
     """Optimizer steps."""
@@ -247,6 +253,11 @@ class TrainConfig:
         if self.arch in ("topk", "batchtopk", "matryoshka"):
             return 2e-4 / math.sqrt(self.d_sae / 2**14)
         return 7e-5 if self.arch == "jumprelu" else 3e-4
+
+    def resolved_normalize(self) -> bool:
+        if self.normalize_activations is not None:
+            return self.normalize_activations
+        return self.arch == "jumprelu"
 
     def resolved_target_l0(self) -> float:
         return self.target_l0 if self.target_l0 is not None else float(self.k)

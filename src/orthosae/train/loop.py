@@ -114,7 +114,7 @@ def open_log(out: Path, cfg: TrainConfig, ckpt: Checkpoint | None) -> MetricsLog
 
 
 def finish(out: Path, trainer: Trainer, saved_cfg: dict[str, Any]) -> None:
-    save_sae(trainer.sae, out, saved_cfg)
+    save_sae(trainer.trained_sae(), out, saved_cfg)
     remove_checkpoints(out)  # the run is complete
 
 
@@ -210,6 +210,7 @@ def run_cfg(cfg: TrainConfig, trainer: Trainer, meta: dict[str, Any], tokens: in
         "training": {
             **to_dict(replayable(cfg)),
             "lr_resolved": cfg.resolved_lr(),
+            "norm_factor": trainer.norm_factor,  # inputs were divided by it in training (1: not normalised)
             "tokens_seen": tokens,
             "steps_completed": trainer.step_idx,
         },

@@ -7,6 +7,7 @@ stream (sweeps).
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import torch
@@ -14,10 +15,10 @@ import torch
 from orthosae.allocator import keep_freed_memory
 from orthosae.errors import UserError
 from orthosae.losses import auxk_loss_from_acts, ortsae_penalty, scaled_orthogonality
-from orthosae.orthogonality import orthogonality_penalty
+from orthosae.orthogonality import orthogonality_penalty, ragged_groups
 from orthosae.sae.archs import ARCHS
 from orthosae.sae.archs import build_sae as build_sae
-from orthosae.sae.base import stored_transposed
+from orthosae.sae.base import SAE, stored_transposed
 from orthosae.sae.init import geometric_median
 from orthosae.sae.rule import LOSS_TERMS
 from orthosae.train import distributed as ddp
@@ -111,6 +112,8 @@ class Trainer:
         self.l_orth_init = torch.zeros((), device=dev)  # first non-zero L_orth, 0 until seen
         # OrtSAE's chunks: a generator of its own, saved in checkpoints, so resuming draws the same chunks.
         self.chunk_gen = torch.Generator().manual_seed(cfg.seed)
+        # Inputs are divided by this (TrainConfig.normalize_activations); None until the first batch sets it.
+        self.norm_factor: float | None = None if cfg.resolved_normalize() else 1.0
         self.step_idx = 0
         self.skipped = 0  # batches dropped for a non-finite loss
         # Host-side upper bound on every tokens_since_fired entry: while it is below dead_tokens no latent
@@ -123,6 +126,10 @@ class Trainer:
         """One optimizer step on a (B, d_in) batch. Returns detached 0-dim tensors (no host sync, except
         for architectures whose per-token latent count varies: see sae.rule.padded_codes)."""
         cfg, sae, rule = self.cfg, self.sae, self.rule
+        if self.norm_factor is None:
+            self.norm_factor = self._measure_norm(x)
+        if self.norm_factor != 1.0:
+            x = x / self.norm_factor
         if self.step_idx == 0 and rule.median_init:
             with torch.no_grad():
                 first = x if self.ranks is None else ddp.all_gather_rows(x, self.ranks)
@@ -151,7 +158,32 @@ class Trainer:
         self.step_idx += 1
         terms["loss"] = loss
         terms["skipped"] = torch.zeros((), device=loss.device)
-        return {name: t.detach() for name, t in terms.items()}
+        stats = {name: t.detach() for name, t in terms.items()}
+        if self.norm_factor != 1.0:  # log the reconstruction error in the activations' own units
+            stats["recon"] = stats["recon"] * self.norm_factor**2
+        return stats
+
+    @torch.no_grad()
+    def _measure_norm(self, x: torch.Tensor) -> float:
+        """sqrt of the mean squared norm of the first (global) batch: dividing by it gives unit mean
+        squared norm. dictionary_learning averages 100 batches; one batch of thousands of tokens is within
+        a few per cent, and needs no look-ahead in a stream."""
+        rows = x if self.ranks is None else ddp.all_gather_rows(x, self.ranks, "measuring the input norm")
+        factor = float(rows.double().pow(2).sum(dim=-1).mean().sqrt())
+        if not (math.isfinite(factor) and factor > 0):
+            raise UserError(
+                f"the first batch's root mean squared norm is {factor}, so activations cannot be normalised; "
+                "check the data for NaNs or zeros, or pass --no-normalize-activations"
+            )
+        return factor
+
+    def trained_sae(self) -> SAE:
+        """The SAE as it is saved: taking raw activations (the normalisation factor folded in)."""
+        if self.norm_factor in (None, 1.0):
+            return self.sae
+        sae = copy.deepcopy(self.sae)
+        sae.scale_input_(self.norm_factor)
+        return sae
 
     def _grads_to_optimizer(self) -> None:
         """Hand W_enc's gradient to the row-major view Adam updates (see optimizer_views), then check that
@@ -237,12 +269,14 @@ class Trainer:
         return ddp.all_gather_rows(t, self.ranks, "gathering the batch-wide selection")
 
     def penalty(
-        self, acts: torch.Tensor, idx: torch.Tensor, recon: torch.Tensor
+        self, acts: torch.Tensor, idx: torch.Tensor, recon: torch.Tensor, ragged: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(raw, weighted) orthogonality penalty for the sparse codes `acts`/`idx` (B, m), padding at 0."""
+        """(raw, weighted) orthogonality penalty for the sparse codes `acts`/`idx` (B, m), padding at 0;
+        `ragged`: tokens have different counts (padded to the largest), so the penalty runs on groups of
+        tokens with similar counts (orthogonality.ragged_groups)."""
         if self.cfg.penalty_kind() == "ortsae":
             return self._ortsae()
-        return self._orthogonality(acts, idx, recon)
+        return self._orthogonality(acts, idx, recon, ragged)
 
     def _ortsae(self) -> tuple[torch.Tensor, torch.Tensor]:
         cfg, sae = self.cfg, self.sae
@@ -260,20 +294,25 @@ class Trainer:
         return ddp.all_reduce_sum_((residual - mean).pow(2).sum(), self.ranks) / total
 
     def _orthogonality(
-        self, acts: torch.Tensor, idx: torch.Tensor, recon: torch.Tensor
+        self, acts: torch.Tensor, idx: torch.Tensor, recon: torch.Tensor, ragged: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
         cfg, sae = self.cfg, self.sae
         self.update_ema(acts, idx)
         weight = sae.W_dec if cfg.orth_weight == "decoder" else sae.W_enc.T
-        l_orth = orthogonality_penalty(
-            acts,
-            idx,
-            weight,
-            self.ema_mean,
-            threshold_ratio=cfg.orth_threshold_ratio,
-            coactivation=cfg.orth_coactivation,
-            method=cfg.orth_method,
-        )
+        groups = (ragged_groups(acts, idx) if ragged else None) or [(acts, idx)]
+        parts = [
+            orthogonality_penalty(
+                a,
+                i,
+                weight,
+                self.ema_mean,
+                threshold_ratio=cfg.orth_threshold_ratio,
+                coactivation=cfg.orth_coactivation,
+                method=cfg.orth_method,
+            )
+            for a, i in groups
+        ]
+        l_orth = parts[0] if len(parts) == 1 else torch.stack(parts).sum()
         return self.scale_orth(l_orth, recon)
 
     @torch.no_grad()
@@ -325,6 +364,7 @@ class Trainer:
                 "skipped": self.skipped,
                 "tokens_bound": self.tokens_bound,
                 "chunk_rng": self.chunk_gen.get_state(),
+                "norm_factor": self.norm_factor,
             }
         )
 
@@ -343,5 +383,7 @@ class Trainer:
         self.skipped = int(state.get("skipped", 0))
         # Older states lack the bound: assume latents may be dead, so AuxK is always computed (exact).
         self.tokens_bound = int(state.get("tokens_bound", self.cfg.dead_tokens))
+        # A state from before normalisation existed was trained on raw activations.
+        self.norm_factor = state.get("norm_factor", 1.0)
         if "chunk_rng" in state:
             self.chunk_gen.set_state(state["chunk_rng"])
