@@ -123,3 +123,54 @@ def test_pairwise_on_fixed_k_unchanged(k: int):
     ema = torch.zeros(9, dtype=torch.float64)
     fast = orthogonality_penalty(f.gather(1, idx), idx, W, ema)
     assert torch.allclose(fast, _literal_coactive(f, W, ema, 0.1), rtol=1e-10)
+
+
+def _heavy_tailed_codes(seed: int, tokens: int = 40, n: int = 30) -> torch.Tensor:
+    """Dense latents whose per-token counts spread from 0 to n, as BatchTopK's do around k."""
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.rand(tokens, 1, generator=g) ** 3  # most tokens few latents, a few very many
+    f = torch.rand(tokens, n, generator=g) * (torch.rand(tokens, n, generator=g) < keep)
+    f[0] = 0.0
+    f[1] = 0.0
+    f[1, 4] = 0.3  # one entry: no pairs
+    f[2, :8] = 0.5  # ties
+    return f.double()
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_ragged_groups_sum_to_the_literal_penalty(method: str, seed: int):
+    """The trainer's grouped evaluation of variable-count codes: values and gradients equal the literal
+    dense reference, and the groups cost less than padding every token to the largest count."""
+    from orthosae.orthogonality import ragged_groups
+
+    f = _heavy_tailed_codes(seed).requires_grad_()
+    n = f.shape[1]
+    W = torch.randn(n, 6, generator=torch.Generator().manual_seed(seed + 10), dtype=torch.float64)
+    W.requires_grad_()
+    ema = torch.rand(n, generator=torch.Generator().manual_seed(seed + 20), dtype=torch.float64) * 0.3
+    idx = padded_codes(f.detach() != 0)
+    groups = ragged_groups(f.gather(1, idx), idx)
+    grouped = torch.stack(
+        [orthogonality_penalty(a, i, W, ema, threshold_ratio=0.5, method=method) for a, i in groups]
+    ).sum()
+    ref = _literal_coactive(f, W, ema, 0.5)
+    assert torch.allclose(grouped, ref, rtol=1e-10)
+    for a, b in zip(torch.autograd.grad(grouped, (f, W)), torch.autograd.grad(ref, (f, W)), strict=True):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+    counts = (f.detach() != 0).sum(dim=1)
+    assert sum(a.shape[0] for a, _ in groups) == int((counts >= 2).sum())  # every token with a pair, once
+    cost = sum(a.shape[0] * a.shape[1] ** 2 for a, _ in groups)
+    assert cost < idx.shape[0] * idx.shape[1] ** 2
+    for a, _ in groups:  # no group pads beyond 1/0.75 of its smallest member's count
+        widths = (a.detach() != 0).sum(dim=1)
+        assert int(widths.max()) == a.shape[1] and float(widths.min()) > 0.75 * a.shape[1]
+
+
+def test_ragged_groups_of_codes_without_pairs_are_empty():
+    from orthosae.orthogonality import ragged_groups
+
+    f = torch.zeros(4, 6, dtype=torch.float64)
+    f[0, 2] = 1.0
+    idx = padded_codes(f != 0)
+    assert ragged_groups(f.gather(1, idx), idx) == []

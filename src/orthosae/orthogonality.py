@@ -173,6 +173,34 @@ class _PairwiseFromRows(torch.autograd.Function):
         return grad_acts, grad_rows, None
 
 
+def ragged_groups(
+    acts: torch.Tensor, idx: torch.Tensor, shrink: float = 0.75
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Padded (B, m) codes whose tokens have different non-zero counts, as groups of tokens with similar
+    counts, each trimmed to its own largest count.
+
+    L_orth is a sum over tokens and a zero entry adds nothing to it (it never passes the mask), so the sum of
+    the penalty over the groups equals the penalty of the padded codes, at a cost of Σ_g n_g·m_g² instead of
+    B·m² (BatchTopK's counts run from 0 to several times k). A group holds the tokens whose count is above
+    `shrink` times its first token's, so padding inflates no group's cost by more than 1/shrink². Tokens
+    with fewer than two entries have no pairs and are left out. Reads the counts on the host (one sync)."""
+    nonzero = acts.detach() != 0
+    counts = nonzero.sum(dim=1)
+    order = torch.argsort(counts, descending=True, stable=True)
+    sorted_counts = counts[order].tolist()
+    groups, start = [], 0
+    while start < len(sorted_counts) and sorted_counts[start] >= 2:
+        width = int(sorted_counts[start])
+        end = start + 1
+        while end < len(sorted_counts) and sorted_counts[end] >= 2 and sorted_counts[end] > shrink * width:
+            end += 1
+        rows = order[start:end]
+        cols = nonzero[rows].to(torch.float32).topk(width, dim=1, sorted=False).indices  # the non-zeros
+        groups.append((acts[rows].gather(1, cols), idx[rows].gather(1, cols)))
+        start = end
+    return groups
+
+
 def auto_chunk_size(k: int, d: int, element_size: int, budget_bytes: int | None = None) -> int:
     """Tokens per chunk so that one gathered (chunk, k, d) block, and each (chunk, k, k) Gram, stays within
     ``budget_bytes`` (the Gram only matters when k > d: variable-count codes padded to a large k)."""

@@ -174,7 +174,7 @@ class BatchTopKRule(Rule):
             aux = host.auxk(x, x_hat, c.aux_acts, c.aux_idx, c.dead)
             terms["auxk"], terms["auxk_weighted"] = aux, cfg.auxk_alpha * aux
         if cfg.penalty_kind() != "none":
-            terms["orth"], terms["orth_scaled"] = host.penalty(c.acts, c.idx, recon)
+            terms["orth"], terms["orth_scaled"] = host.penalty(c.acts, c.idx, recon, ragged=True)
         terms["l0"] = (c.acts > 0).sum(dim=-1).float().mean()
         terms["dead_frac"] = c.dead.float().mean()
         return terms

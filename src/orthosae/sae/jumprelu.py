@@ -142,7 +142,7 @@ class JumpReLURule(Rule):
         terms["sparsity_weighted"] = sparsity_loss(l0_global, target, cfg.jumprelu_sparsity, scale)
         if cfg.penalty_kind() != "none":
             idx = padded_codes(f.detach() != 0)
-            terms["orth"], terms["orth_scaled"] = host.penalty(f.gather(1, idx), idx, recon)
+            terms["orth"], terms["orth_scaled"] = host.penalty(f.gather(1, idx), idx, recon, ragged=True)
         host.mark_fired(f.detach().sum(dim=0) > 0, x.shape[0])
         terms["l0"] = (f.detach() != 0).sum(dim=-1).float().mean()
         terms["dead_frac"] = (host.tokens_since_fired >= cfg.dead_tokens).float().mean()

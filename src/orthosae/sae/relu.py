@@ -57,7 +57,7 @@ class ReLURule(Rule):
         terms["l1_weighted"] = cfg.l1 * terms["l1"]
         if cfg.penalty_kind() != "none":
             idx = padded_codes(f.detach() > 0)
-            terms["orth"], terms["orth_scaled"] = host.penalty(f.gather(1, idx), idx, recon)
+            terms["orth"], terms["orth_scaled"] = host.penalty(f.gather(1, idx), idx, recon, ragged=True)
         host.mark_fired((f > 0).any(dim=0), x.shape[0])
         terms["l0"] = (f > 0).sum(dim=-1).float().mean()
         terms["dead_frac"] = (host.tokens_since_fired >= cfg.dead_tokens).float().mean()
