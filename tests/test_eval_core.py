@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from pathlib import Path
@@ -13,6 +14,7 @@ from conftest_models import SAMPLE_TEXTS, byte_tokenizer, tiny_model, write_json
 from orthosae.data.pack import iter_contexts
 from orthosae.eval import core
 from orthosae.eval import metrics as M
+from orthosae.eval import uncertainty as U
 from orthosae.eval.context import EvalContext
 from orthosae.eval.splice import run_spliced
 from orthosae.models.loader import LoadedModel
@@ -242,6 +244,34 @@ def test_core_on_bundled_model_with_identity_sae():
     assert perf["ce_loss_with_ablation"] > perf["ce_loss_without_sae"]
     assert math.isfinite(m["model_behavior_preservation"]["kl_div_with_ablation"])
     assert m["model_behavior_preservation"]["kl_div_with_sae"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_core_stores_pairable_replicates_of_its_headline_metrics(tiny: LoadedModel, tmp_path: Path):
+    """Each SAE's section keeps the resampled values its intervals come from; two SAEs scored on the same
+    contexts pair, so --compare decides their differences by the paired rule."""
+    from orthosae.eval.compare import compare_rows
+    from orthosae.eval.results import section_replicates
+
+    cfg = dataclasses.replace(_small_cfg(tmp_path), n_bootstrap=200)
+    saes = [TopKSAE(32, 64, 4, generator=torch.Generator().manual_seed(s)) for s in (0, 1)]
+    blocks = [core.evaluate(_ctx(tiny, sae), cfg) for sae in saes]
+    reps = blocks[0][U.REPLICATES_KEY]
+    assert {"reconstruction_quality.explained_variance", "model_performance_preservation.ce_loss_score",
+            "all_tokens.sparsity.l0", "model_behavior_preservation.kl_div_score"} <= set(reps)  # fmt: skip
+    for key, values in reps.items():
+        group, name = key.rsplit(".", 1)
+        node = blocks[0]["metrics"]
+        for part in group.split("."):
+            node = node[part]
+        stored = U.replicates_tensor(values)
+        assert stored is not None and len(stored) == 200
+        iv = U.percentile_interval(stored)
+        assert iv == pytest.approx(tuple(node[U.ci_key(name)]), rel=1e-6, abs=1e-9)
+    keys = [section_replicates(b)[0] for b in blocks]
+    assert keys[0] is not None and keys[0] == keys[1]
+    rows = {r.metric: r for r in compare_rows([{"core evaluation results": b} for b in blocks])}
+    assert rows["core/reconstruction_quality/explained_variance"].rules == ["paired", "paired"]
+    assert rows["core/shrinkage/l2_ratio"].rules == ["independent", "independent"]  # not stored
 
 
 @pytest.mark.parametrize("keep_logits", [True, False])

@@ -42,6 +42,8 @@ again per SAE: same distribution, paired comparison here); the word list is in t
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 import statistics
 import time
@@ -421,9 +423,44 @@ def score_sae(
 # ----------------------------------------------------------------- results
 
 
+def _kept(lm: LMData, scores: SAEScores) -> list[str]:
+    """The letters scored: usable, with words re-prompted for this SAE."""
+    return [c for c in lm.usable if c in scores.word_fraction]
+
+
+def _word_values(scores: SAEScores, kept: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per kept letter, its words' (absorption fraction, full absorption), the HEADLINES' word values."""
+    return [(scores.word_fraction[c], scores.word_full[c].double()) for c in kept]
+
+
+def headline_replicates(
+    lm: LMData, scores: SAEScores, cfg: Config, seed: int
+) -> dict[str, list[float | None]]:
+    """{"mean.<headline>": its resampled values} for the section's bootstrap_replicates, the vectors the
+    intervals are taken from; empty when no headline is reported."""
+    kept = _kept(lm, scores)
+    if len(kept) < cfg.min_feats_for_eval:
+        return {}
+    reps = calc.letter_mean_replicates(_word_values(scores, kept), n_resamples=cfg.n_bootstrap, seed=seed)
+    if reps is None:
+        return {}
+    return {f"mean.{k}": uncertainty.replicates_json(r) for k, r in zip(HEADLINES, reps, strict=True)}
+
+
+def resampled_items(lm: LMData, scores: SAEScores) -> dict[str, Any]:
+    """Which words were resampled: letter by letter in resampling order (letter i draws with seed + i),
+    with their count and a hash of the words. Equal for two SAEs means their replicates pair."""
+    kept = _kept(lm, scores)
+    words = json.dumps([[c, lm.true_positives[c]] for c in kept], ensure_ascii=False)
+    return {
+        "letters": [[c, int(scores.word_fraction[c].numel())] for c in kept],
+        "words_sha256": hashlib.sha256(words.encode()).hexdigest()[:16],
+    }
+
+
 def summarize(lm: LMData, scores: SAEScores, cfg: Config, seed: int) -> tuple[dict, list[dict], dict]:
     """(eval_result_metrics, eval_result_details, eval_result_unstructured)."""
-    kept = [c for c in lm.usable if c in scores.word_fraction]
+    kept = _kept(lm, scores)
     rows = [
         calc.letter_row(c, scores.word_fraction[c], scores.word_full[c], scores.split_feats[c]) for c in kept
     ]
@@ -443,7 +480,7 @@ def summarize(lm: LMData, scores: SAEScores, cfg: Config, seed: int) -> tuple[di
         details: list[dict] = []
     else:
         mean = calc.headline(rows)
-        values = [(scores.word_fraction[c], scores.word_full[c].double()) for c in kept]
+        values = _word_values(scores, kept)
         intervals = calc.letter_mean_intervals(values, n_resamples=cfg.n_bootstrap, seed=seed)
         for key, interval in zip(HEADLINES, intervals, strict=True):
             mean[uncertainty.ci_key(key)] = interval
@@ -553,7 +590,10 @@ def evaluate(ctx: EvalContext, cfg: Config) -> dict[str, Any]:
         "k_sparse_probe_batch_size": sparse_probe_batch(cfg, lm),  # the one used
         # The latents of the train words are computed once (SAEBench's option; the same numbers).
         "precalc_k_sparse_probe_sae_acts": True,
-        "bootstrap_config": uncertainty.bootstrap_config(BOOTSTRAP_UNIT, n_units, cfg.n_bootstrap, ctx.seed),
+        "bootstrap_config": uncertainty.bootstrap_config(BOOTSTRAP_UNIT, n_units, cfg.n_bootstrap, ctx.seed)
+        | {"items": resampled_items(lm, scores)},
         **fold_record(ctx.sae),
     }
-    return section(ctx, EVAL_TYPE_ID, eval_config, metrics, details, unstructured)
+    block = section(ctx, EVAL_TYPE_ID, eval_config, metrics, details, unstructured)
+    block[uncertainty.REPLICATES_KEY] = headline_replicates(lm, scores, cfg, ctx.seed)
+    return block

@@ -126,30 +126,41 @@ def headline(rows: Sequence[dict]) -> dict[str, float]:
     }
 
 
+def letter_mean_replicates(
+    per_letter: Sequence[Sequence[torch.Tensor]],
+    *,
+    n_resamples: int = uncertainty.N_RESAMPLES,
+    seed: int = 0,
+) -> torch.Tensor | None:
+    """Bootstrap resamples of mean-over-letters of per-letter word means, for several word values at once:
+    (n_values, n_resamples) float64. per_letter[l] = (values_1 (n_l,), values_2 (n_l,), …) for letter l.
+    Words are resampled within each letter (each letter keeps its count; letter l draws with seed + l, and
+    one resample serves every value), and the mean over letters is recomputed per resample. None when a
+    letter has no words, there are fewer than 2 words in all, or no resamples."""
+    if not per_letter or n_resamples <= 0:
+        return None
+    counts = [int(values[0].numel()) for values in per_letter]
+    if min(counts) == 0 or sum(counts) < 2:
+        return None
+    sums = torch.zeros(len(per_letter[0]), n_resamples, dtype=torch.float64)
+    for li, (values, n) in enumerate(zip(per_letter, counts, strict=True)):
+        w = uncertainty.resample_counts(n, n_resamples, seed=seed + li)
+        for vi, v in enumerate(values):
+            sums[vi] += (w @ v.double().flatten()) / n
+    return sums / len(per_letter)
+
+
 def letter_mean_intervals(
     per_letter: Sequence[Sequence[torch.Tensor]],
     *,
     n_resamples: int = uncertainty.N_RESAMPLES,
     seed: int = 0,
 ) -> list[list[float] | None]:
-    """Bootstrap 95 % intervals of mean-over-letters of per-letter word means, for several word values
-    at once. per_letter[l] = (values_1 (n_l,), values_2 (n_l,), …) for letter l. Words are resampled
-    within each letter (each letter keeps its count; one resample serves every value, so the intervals
-    are of the same resamples), and the mean over letters is recomputed per resample."""
+    """Bootstrap 95 % intervals of mean-over-letters of per-letter word means (`letter_mean_replicates`),
+    one per word value; each None when there are no resamples."""
     if not per_letter:
         return []
-    n_values = len(per_letter[0])
-    sums = torch.zeros(n_values, n_resamples, dtype=torch.float64)
-    usable = True
-    for li, values in enumerate(per_letter):
-        n = int(values[0].numel())
-        if n == 0:
-            usable = False
-            continue
-        w = uncertainty.resample_counts(n, n_resamples, seed=seed + li)
-        for vi, v in enumerate(values):
-            sums[vi] += (w @ v.double().flatten()) / n
-    if not usable or sum(int(v[0].numel()) for v in per_letter) < 2:
-        return [None] * n_values
-    means = sums / len(per_letter)
-    return [uncertainty.as_list(uncertainty.percentile_interval(means[vi])) for vi in range(n_values)]
+    means = letter_mean_replicates(per_letter, n_resamples=n_resamples, seed=seed)
+    if means is None:
+        return [None] * len(per_letter[0])
+    return [uncertainty.as_list(uncertainty.percentile_interval(m)) for m in means]

@@ -1,7 +1,9 @@
 """Side-by-side comparison of two or more results JSONs: every numeric metric, with its difference to the
 first (the baseline) and, where both values carry a 95 % interval (`<metric>_ci95`), whether that difference
-is outside the noise (uncertainty.differs: the difference's 95 % interval, from the two intervals taken as
-independent, excludes 0)."""
+is outside the noise. Where both sections stored bootstrap replicates drawn on the same items (every SAE of
+an experiment), the verdict is paired: the percentile interval of the resample-by-resample differences
+excludes 0 (uncertainty.paired_differs); otherwise the two intervals are taken as independent
+(uncertainty.differs)."""
 
 from __future__ import annotations
 
@@ -12,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from orthosae.errors import UserError
-from orthosae.eval.results import SECTION_KEYS, section_metrics
-from orthosae.eval.uncertainty import CI_SUFFIX, differs
+from orthosae.eval.results import SECTION_KEYS, section_metrics, section_replicates
+from orthosae.eval.uncertainty import CI_SUFFIX, Replicates, noise_verdict, paired
 
 EVAL_FILE = "eval.json"
 _SHORT = {v: k for k, v in SECTION_KEYS.items()}
@@ -26,12 +28,16 @@ class Row:
     diffs: list[float | None]  # values[i] − values[0]; None where either is missing
     cis: list[tuple[float, float] | None] | None = None  # each value's 95 % interval, where it has one
     outside_noise: list[bool | None] | None = None  # per value: does its Δ exclude 0? None: no intervals
+    rules: list[str | None] | None = None  # per value: "paired" or "independent", the rule of its verdict
 
 
 NOISE_RULE = (
-    "Δ marked * is outside the noise: the 95 % interval of the difference, from the two values' bootstrap "
-    "intervals taken as independent, excludes 0 (conservative when both SAEs were scored on the same "
-    "items); ~ marks a difference inside the noise; no mark: a value without an interval."
+    "Δ marked * is outside the noise, ~ inside it; no mark: a value without an interval. Where both SAEs "
+    "stored bootstrap replicates drawn on the same items with the same resamples (the SAEs of one "
+    "experiment), the rule is paired: the 95 % percentile interval of the resample-by-resample differences "
+    "excludes 0. Otherwise it is independent: the 95 % interval of the difference, from the two values' "
+    "bootstrap intervals taken as independent, excludes 0 (conservative when both SAEs were scored on the "
+    "same items)."
 )
 
 
@@ -101,9 +107,27 @@ def _flatten(results: dict[str, Any]) -> tuple[dict[str, float], dict[str, tuple
     return flat, cis
 
 
+def flatten_replicates(results: dict[str, Any]) -> dict[str, Replicates]:
+    """Per eval, (pairing key, {'<eval>/<path of the metric>': replicates}) of its stored bootstrap
+    replicates; an eval without them is left out."""
+    out: dict[str, Replicates] = {}
+    for key, block in results.items():
+        if key in _SHORT and isinstance(block, dict):
+            pairing, reps = section_replicates(block)
+            if reps:
+                short = _SHORT[key]
+                out[short] = (pairing, {f"{short}/{k.replace('.', '/')}": v for k, v in reps.items()})
+    return out
+
+
+def _replicates_of(flat: dict[str, Replicates], metric: str) -> Replicates:
+    return flat.get(metric.split("/", 1)[0], (None, {}))
+
+
 def compare_rows(results: list[dict[str, Any]]) -> list[Row]:
     """One row per metric present in any of the results, in first-seen order."""
     both = [_flatten(r) for r in results]
+    reps = [flatten_replicates(r) for r in results]
     flats = [f for f, _ in both]
     names = list(dict.fromkeys(k for f in flats for k in f))
     rows = []
@@ -112,14 +136,17 @@ def compare_rows(results: list[dict[str, Any]]) -> list[Row]:
         base = values[0]
         diffs = [None if v is None or base is None else v - base for v in values]
         cis = [c.get(name) for _, c in both]
-        noise: list[bool | None] = []
-        for v, ci in zip(values, cis, strict=True):
-            if v is None or base is None or ci is None or cis[0] is None:
-                noise.append(None)
-            else:
-                noise.append(differs(base, cis[0], v, ci))
+        base_reps = _replicates_of(reps[0], name)
+        verdicts = [
+            None
+            if v is None or base is None
+            else noise_verdict(base, cis[0], v, ci, paired(base_reps, _replicates_of(r, name), name))
+            for v, ci, r in zip(values, cis, reps, strict=True)
+        ]
         has_ci = any(c is not None for c in cis)
-        rows.append(Row(name, values, diffs, cis if has_ci else None, noise if has_ci else None))
+        noise = [None if x is None else x[0] for x in verdicts] if has_ci else None
+        rules = [None if x is None else x[1] for x in verdicts] if has_ci else None
+        rows.append(Row(name, values, diffs, cis if has_ci else None, noise, rules))
     return rows
 
 
@@ -153,8 +180,15 @@ def format_rows(rows: list[Row], labels: list[str]) -> str:
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     if any(r.cis for r in rows):
-        lines += ["", NOISE_RULE]
+        lines += ["", NOISE_RULE + _rules_used(rows)]
     return "\n".join(lines)
+
+
+def _rules_used(rows: list[Row]) -> str:
+    """How many marked differences each rule decided (the baseline's own column excluded)."""
+    used = [u for r in rows for u in (r.rules or [])[1:] if u is not None]
+    counts = ", ".join(f"{used.count(u)} {u}" for u in ("paired", "independent") if u in used)
+    return f" Rules used here: {counts}." if counts else ""
 
 
 def _value(v: float | None, ci: tuple[float, float] | None) -> str:

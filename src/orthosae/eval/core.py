@@ -18,7 +18,8 @@ repeats every group on all non-special tokens, each reconstructed in the splice 
 on just the contexts holding an excluded token). Special tokens are never averaged over; with
 `exclude_special_tokens_from_reconstruction` off they are reconstructed in both splices (SAEBench's option).
 
-Intervals: percentile bootstrap over eval contexts (see `core_stats`).
+Intervals: percentile bootstrap over eval contexts (see `core_stats`); the resampled values of the headline
+metrics are kept in section["bootstrap_replicates"] for paired comparisons between SAEs.
 
 Under torchrun (`ctx.ranks`), forward batch i runs on rank i mod W (eval.ranks); the ranks then exchange
 what their batches left behind and every rank holds what one process collects (per-context sums and
@@ -461,6 +462,20 @@ _RQ = (
 _SHRINK = ("l2_norm_in", "l2_norm_out", "l2_ratio", "relative_reconstruction_bias")
 _KL = ("kl_div_score", "kl_div_with_ablation", "kl_div_with_sae")
 _CE = ("ce_loss_score", "ce_loss_with_ablation", "ce_loss_with_sae", "ce_loss_without_sae")
+# Headline metrics whose resampled values are stored (section["bootstrap_replicates"]) for paired
+# comparisons between SAEs; a few, since each is n_bootstrap numbers in every eval.json.
+_REPLICATED = {
+    "explained_variance": "reconstruction_quality",
+    "mse": "reconstruction_quality",
+    "l0": "sparsity",
+    "ce_loss_score": "model_performance_preservation",
+    "kl_div_score": "model_behavior_preservation",
+}
+
+
+def _replicates(reps: dict[str, torch.Tensor] | None, prefix: str) -> dict[str, torch.Tensor]:
+    """{"<prefix><group>.<metric>": resampled values} of the stored headline metrics among `reps`."""
+    return {f"{prefix}{g}.{k}": reps[k] for k, g in _REPLICATED.items() if reps and k in reps}
 
 
 def _groups(
@@ -471,13 +486,17 @@ def _groups(
     cfg: Config,
     seed: int,
     formulas: bool,
-) -> dict[str, Any]:
-    """The metric groups of one token set, each number with its interval."""
+    prefix: str = "",
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The metric groups of one token set, each number with its interval, and the resampled values of
+    the headline metrics (keyed `<prefix><group>.<metric>`)."""
     nb = cfg.n_bootstrap
     rq: dict[str, float] = S.point(S.recon_metrics, recon) if recon else {}
-    rq_ci = S.intervals(S.recon_metrics, recon, nb, seed) if recon else {}
+    rq_reps = S.resampled(S.recon_metrics, recon, nb, seed) if recon else None
+    rq_ci = S.intervals_of(S.recon_metrics, recon, rq_reps) if recon else {}
     lm: dict[str, float] = S.point(S.loss_metrics, losses) if losses else {}
-    lm_ci = S.intervals(S.loss_metrics, losses, nb, seed) if losses else {}
+    lm_reps = S.resampled(S.loss_metrics, losses, nb, seed) if losses else None
+    lm_ci = S.intervals_of(S.loss_metrics, losses, lm_reps) if losses else {}
     fs = feats.result(cfg.density_bins_per_decade)
     out: dict[str, Any] = {
         "model_behavior_preservation": _with_ci(lm, lm_ci, _KL),
@@ -507,7 +526,7 @@ def _groups(
             for k in ci:  # intervals of the weighted means; the distinct-pair mean and max have none
                 orth[U.ci_key(k)] = ci[k]
         out["orthogonality"] = orth | ({"formulas": M.COACT_FORMULAS} if formulas else {})
-    return out
+    return out, _replicates(rq_reps, prefix) | _replicates(lm_reps, prefix)
 
 
 def _n_positions(losses: S.ContextSums) -> int:
@@ -640,12 +659,12 @@ def evaluate(ctx: EvalContext, cfg: Config) -> dict[str, Any]:
     excluded = col.recon["excluded"].stacked() or None
     loss_kept = col.losses["kept"].stacked() or None
     coact_kept = col.coact["kept"] if col.coact else None
-    metrics = _groups(kept, loss_kept, col.feats["kept"], coact_kept, cfg, ctx.seed, formulas=True)
+    metrics, reps = _groups(kept, loss_kept, col.feats["kept"], coact_kept, cfg, ctx.seed, formulas=True)
     metrics["token_stats"] = _token_stats(col, kept, excluded)
     if cfg.all_tokens:
         every = S.add_sums(kept, excluded) | col.legacy_all.stacked() if kept and excluded else None
         coact_all = col.coact["kept"].merged(col.coact["excluded"]) if col.coact else None
-        metrics["all_tokens"] = _groups(
+        every_groups, every_reps = _groups(
             every,
             col.losses["all"].stacked() or None,
             col.feats["kept"].merged(col.feats["excluded"]),
@@ -653,7 +672,10 @@ def evaluate(ctx: EvalContext, cfg: Config) -> dict[str, Any]:
             cfg,
             ctx.seed,
             formulas=False,
-        ) | {
+            prefix="all_tokens.",
+        )
+        reps |= every_reps
+        metrics["all_tokens"] = every_groups | {
             "token_stats": {
                 "total_tokens_eval_reconstruction": _n_positions(col.losses["all"]),
                 "total_tokens_eval_sparsity_variance": int(every["n"].sum()) if every else 0,
@@ -688,7 +710,15 @@ def evaluate(ctx: EvalContext, cfg: Config) -> dict[str, Any]:
             cfg.n_bootstrap,
             ctx.seed,
         )
-        | {"n_units_reconstruction": metrics["token_stats"]["n_contexts_eval_reconstruction"]},
+        | {
+            "n_units_reconstruction": metrics["token_stats"]["n_contexts_eval_reconstruction"],
+            # Which contexts were resampled: equal for two SAEs means their replicates pair.
+            "items": {
+                "dataset": cfg.dataset,
+                "context_size": cfg.context_size,
+                "heldout_first_context": data.first_context,
+            },
+        },
         "timing_s": {
             "total": round(t_end - t_start, 3),
             "all_tokens_extra_forwards": round(col.all_tokens_forward_s, 3),
@@ -696,7 +726,9 @@ def evaluate(ctx: EvalContext, cfg: Config) -> dict[str, Any]:
             "metrics_and_bootstrap": round(t_end - t_boot, 3),
         },
     }
-    return core_section(ctx, eval_cfg, metrics)
+    block = core_section(ctx, eval_cfg, metrics)
+    block[U.REPLICATES_KEY] = {k: U.replicates_json(v) for k, v in reps.items()}
+    return block
 
 
 def _finite(obj: Any) -> Any:

@@ -166,14 +166,30 @@ def point(fn: MetricFn, s: Sums) -> dict[str, float]:
     return {k: float(v[0]) for k, v in fn(s, torch.ones(1, n, dtype=torch.float64)).items()}
 
 
+def resampled(fn: MetricFn, s: Sums, n_resamples: int, seed: int) -> dict[str, torch.Tensor] | None:
+    """Every metric `fn` computes on each of the seeded bootstrap resamples of the contexts, (R,) each;
+    None with fewer than 2 contexts or no resamples. The same (n, R, seed) gives the same draws for every
+    SAE, so two SAEs' vectors pair resample by resample."""
+    n = len(next(iter(s.values())))
+    if n < 2 or n_resamples <= 0:
+        return None
+    return fn(s, U.resample_counts(n, n_resamples, seed))
+
+
+def intervals_of(
+    fn: MetricFn, s: Sums, reps: dict[str, torch.Tensor] | None
+) -> dict[str, list[float] | None]:
+    """The percentile intervals of `resampled`'s vectors; null for each metric when there are none."""
+    if reps is None:
+        n = len(next(iter(s.values())))
+        return dict.fromkeys(fn(s, torch.ones(1, n, dtype=torch.float64)), None)
+    return {k: U.as_list(U.percentile_interval(v)) for k, v in reps.items()}
+
+
 def intervals(fn: MetricFn, s: Sums, n_resamples: int, seed: int) -> dict[str, list[float] | None]:
     """Percentile-bootstrap 95 % intervals of every metric `fn` computes, resampling contexts; null where
     there are fewer than 2 contexts or too few finite resampled values."""
-    n = len(next(iter(s.values())))
-    if n < 2 or n_resamples <= 0:
-        return dict.fromkeys(fn(s, torch.ones(1, n, dtype=torch.float64)), None)
-    resampled = fn(s, U.resample_counts(n, n_resamples, seed))
-    return {k: U.as_list(U.percentile_interval(v)) for k, v in resampled.items()}
+    return intervals_of(fn, s, resampled(fn, s, n_resamples, seed))
 
 
 # ----------------------------------------------------------------- what the excluded tokens carry

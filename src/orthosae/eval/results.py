@@ -6,6 +6,9 @@ import time
 import uuid
 from typing import Any
 
+import torch
+
+from orthosae.eval import uncertainty
 from orthosae.eval.context import EvalContext
 
 # Top-level keys of the combined results file, as in the seed's result dictionaries.
@@ -94,3 +97,17 @@ def section_metrics(section_block: dict[str, Any]) -> dict[str, Any]:
     """The metrics of any section, whichever layout it has (core's 'metrics' or 'eval_result_metrics')."""
     found = section_block.get("metrics", section_block.get("eval_result_metrics"))
     return found if isinstance(found, dict) else {}
+
+
+def section_replicates(section_block: dict[str, Any] | None) -> tuple[str | None, dict[str, torch.Tensor]]:
+    """(pairing key, {"<group>.<metric>": resampled values (R,)}) of a section's stored bootstrap
+    replicates; (None, {}) when it has none or its bootstrap_config does not say which items they are of.
+    Two sections' vectors of a metric pair resample by resample exactly when their keys are equal."""
+    block = section_block if isinstance(section_block, dict) else {}
+    config = block.get("eval_cfg", block.get("eval_config"))
+    key = uncertainty.pairing(config.get("bootstrap_config") if isinstance(config, dict) else None)
+    raw = block.get(uncertainty.REPLICATES_KEY)
+    if key is None or not isinstance(raw, dict):
+        return None, {}
+    reps = {k: t for k, v in raw.items() if (t := uncertainty.replicates_tensor(v)) is not None}
+    return key, reps

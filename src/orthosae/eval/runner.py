@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import json
+import re
 import sys
 import time
 import typing
@@ -22,7 +24,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, TypeVar, get_args, get_origin
 
-from orthosae.atomic import write_json
+from orthosae.atomic import write_text
 from orthosae.config import from_dict, read_toml
 from orthosae.errors import UserError
 from orthosae.eval.context import EvalContext
@@ -142,8 +144,21 @@ def run_evals(
     return results
 
 
+# An indented JSON array of numbers (or nulls). A raw newline after "[" is layout, never string content
+# (json.dumps escapes newlines in strings), so only real arrays match.
+_NUMBER = r"(?:-?(?:\d[\d.eE+-]*|Infinity)|NaN|null)"
+_NUMBER_ARRAY = re.compile(rf"\[\n\s+({_NUMBER}(?:,\n\s+{_NUMBER})*)\n\s*\]")
+
+
+def results_text(results: dict[str, Any]) -> str:
+    """eval.json's text: indented JSON with every array of numbers on one line (a section's bootstrap
+    replicates are thousands of numbers: one per line would make the file long to read and to scroll)."""
+    text = json.dumps(results, indent=2)
+    return _NUMBER_ARRAY.sub(lambda m: "[" + re.sub(r",\n\s+", ", ", m.group(1)) + "]", text) + "\n"
+
+
 def write_results(path: str | Path, results: dict[str, Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, results)
+    write_text(path, results_text(results))
     return path

@@ -4,29 +4,45 @@ over seeds with a 95 % interval, differences to the baseline variant, and a verd
 Uncertainty of a variant's mean over n seeds (UNCERTAINTY_RULE):
   se² = s²/n + e²,  interval = mean ± t(df, 0.975)·se,
 where s is the seed-to-seed standard deviation pooled over every variant trained with ≥ 2 seeds (df = the
-pooled degrees of freedom; a variant with one seed borrows it) and e is the root mean square of its SAEs'
-own evaluation standard errors (from their bootstrap intervals). e is not divided by n, because every SAE
-is scored on the same evaluation items, so that part of the noise does not average out over seeds. The
-seeds' spread already contains some evaluation noise, so adding e counts it twice: the interval errs wide.
-A difference between two variants adds the two se² and uses the same t quantile.
+pooled degrees of freedom; a variant with one seed borrows it) and e is the evaluation standard error of
+the seed mean. Every SAE is scored on the same items with the same seeded bootstrap resamples, so resample
+r of one SAE draws the same units as resample r of any other: e is the standard deviation over resamples of
+the mean of the SAEs' resampled values (section["bootstrap_replicates"]), exact whatever the correlation
+between seeds. A difference other − base is paired the same way:
+  se² = s²/n_other + s²/n_base + e_Δ²,  e_Δ = sd over resamples of (mean reps_other − mean reps_base),
+so the evaluation noise the two variants share cancels. The seeds' spread already contains some
+evaluation noise, so adding e counts it twice: the interval errs wide.
+
+Without stored replicates, or when two variants' were not drawn on the same items (bootstrap_config's
+units, seed or resample count differ), the independent rule is used: e is the root mean square of the SAEs'
+standard errors implied by their intervals (not divided by n: shared items do not average out), and a
+difference adds the two se², which overstates its noise when the errors are positively correlated.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from orthosae.eval.uncertainty import standard_error
+import torch
+
+from orthosae.eval.results import section_replicates
+from orthosae.eval.uncertainty import replicate_sd, standard_error
 from orthosae.report.load import Experiment, finite
 from orthosae.report.tables import Cell, Table, section_intervals, section_metrics
 
 UNCERTAINTY_RULE = (
     "Each variant's value is its mean over seeds; its 95 % interval is mean ± t·se with se² = s²/n + e², "
     "s the seed-to-seed standard deviation pooled over the variants trained with ≥ 2 seeds (t from its "
-    "degrees of freedom), n the variant's seeds and e its SAEs' evaluation standard error (from the "
-    "bootstrap intervals; not divided by n since every SAE is scored on the same items). Differences add "
-    "the two se²."
+    "degrees of freedom), n the variant's seeds and e the evaluation standard error of the seed mean: the "
+    "standard deviation over the bootstrap resamples of the mean of its SAEs' resampled values (every SAE "
+    "is scored on the same items with the same resamples). Differences are paired: se² = s²/n + s²/n_base "
+    "+ e_Δ², e_Δ the standard deviation over the same resamples of the difference of the two resampled "
+    "means, so the evaluation noise both share cancels. Where resampled values are missing or were not "
+    "drawn on the same items, the independent rule is used instead (e the root mean square of the SAEs' "
+    "standard errors from their intervals, not divided by n; a difference adds the two se²); each Δ says "
+    "which rule it used."
 )
 SEED_TOKENS = 10_000_000  # the seed experiment's training tokens per SAE
 CE_TOLERANCE = 0.01  # "keeps the CE-loss score": no worse than the baseline by more than this
@@ -60,10 +76,16 @@ def t975(df: int) -> float:
 
 @dataclass(frozen=True)
 class Point:
-    """One SAE's value of one metric and its evaluation standard error (None: no interval)."""
+    """One SAE's value of one metric and its evaluation standard error (None: no interval), with its
+    bootstrap replicates and the key saying which other SAEs' replicates they pair with (None: none)."""
 
     value: float
     se: float | None
+    reps: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    pairing: str | None = None
+
+
+PAIRED, INDEPENDENT = "paired", "independent"
 
 
 @dataclass(frozen=True)
@@ -72,6 +94,11 @@ class Estimate:
     se: float
     n: int  # seeds
     q: float  # the t quantile used
+    seed_var: float = 0.0  # s²/n, the seed part of se² (a difference: the sum of both)
+    # The mean over seeds of the SAEs' replicates (None: not all have pairable ones), and their key.
+    reps: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    pairing: str | None = None
+    rule: str = INDEPENDENT  # how the evaluation noise entered: from paired replicates or from intervals
 
     @property
     def lo(self) -> float:
@@ -89,19 +116,49 @@ def pooled_spread(groups: list[list[float]]) -> tuple[float, int]:
     return (math.sqrt(ss / df), df) if df else (0.0, 0)
 
 
+def seed_mean_replicates(points: list[Point]) -> tuple[torch.Tensor, str] | None:
+    """(mean over the SAEs of their replicate vectors, pairing key) when every SAE has replicates drawn on
+    the same items; a resample non-finite for any SAE stays non-finite in the mean (and is dropped later)."""
+    keys = {p.pairing for p in points}
+    reps = [p.reps for p in points if p.reps is not None]
+    if len(reps) != len(points) or len(keys) != 1 or None in keys or len({r.shape for r in reps}) != 1:
+        return None
+    return torch.stack(reps).mean(dim=0), str(next(iter(keys)))
+
+
 def estimate(points: list[Point], spread: float, df: int) -> Estimate:
     """A variant's mean over its seeds with the standard error of UNCERTAINTY_RULE."""
     if not points:
         raise ValueError("a variant needs at least one value")
+    n = len(points)
+    value = statistics.fmean(p.value for p in points)
+    seed_var = spread**2 / n
+    shared = seed_mean_replicates(points)
+    e = replicate_sd(shared[0]) if shared else None
+    if shared is not None and e is not None:
+        return Estimate(value, math.sqrt(seed_var + e * e), n, t975(df), seed_var, *shared, rule=PAIRED)
     errs = [p.se for p in points if p.se is not None]
     e2 = statistics.fmean(e * e for e in errs) if errs else 0.0
-    n = len(points)
-    return Estimate(statistics.fmean(p.value for p in points), math.sqrt(spread**2 / n + e2), n, t975(df))
+    return Estimate(value, math.sqrt(seed_var + e2), n, t975(df), seed_var)
+
+
+def paired_se(base: Estimate, other: Estimate) -> float | None:
+    """e_Δ: sd over resamples of other's replicate mean − base's; None when they do not pair."""
+    a, b = base.reps, other.reps
+    if a is None or b is None or base.pairing is None or base.pairing != other.pairing or a.shape != b.shape:
+        return None
+    return replicate_sd(b - a)
 
 
 def difference(base: Estimate, other: Estimate) -> Estimate:
-    """other − base, the two standard errors added in quadrature."""
-    return Estimate(other.value - base.value, math.hypot(base.se, other.se), 1, max(base.q, other.q))
+    """other − base: paired where both carry replicates of the same resamples (the seed parts add, the
+    evaluation part is the spread of the resampled difference); else the standard errors add in quadrature."""
+    value, q = other.value - base.value, max(base.q, other.q)
+    seed_var = base.seed_var + other.seed_var
+    e = paired_se(base, other)
+    if e is None:
+        return Estimate(value, math.hypot(base.se, other.se), 1, q, seed_var)
+    return Estimate(value, math.sqrt(seed_var + e * e), 1, q, seed_var, rule=PAIRED)
 
 
 def excludes_zero(d: Estimate) -> bool:
@@ -159,7 +216,9 @@ def sae_point(exp: Experiment, sae: str, metric: str) -> Point | None:
     if value is None:
         return None
     ci = section_intervals(block).get(key)
-    return Point(value, standard_error(ci) if ci else None)
+    pairing, reps = section_replicates(block)
+    rep = reps.get(key)
+    return Point(value, standard_error(ci) if ci else None, rep, pairing if rep is not None else None)
 
 
 def _describe(exp: Experiment, saes: list[str]) -> tuple[str | None, float | None, int | None]:
@@ -194,12 +253,16 @@ def _iv(e: Estimate, digits: int = 3) -> str:
     return f"{e.value:.{digits}f} [{e.lo:.{digits}f}, {e.hi:.{digits}f}]"
 
 
-def _d(e: Estimate, digits: int = 3) -> str:
-    return f"{e.value:+.{digits}f} [{e.lo:+.{digits}f}, {e.hi:+.{digits}f}]"
+def _d(e: Estimate, digits: int = 3, noise: bool = False) -> str:
+    """A difference with its interval and, in brackets, the rule its noise came from (and, with `noise`,
+    whether it is inside the noise)."""
+    notes = e.rule + (", inside the noise" if noise and not excludes_zero(e) else "")
+    return f"{e.value:+.{digits}f} [{e.lo:+.{digits}f}, {e.hi:+.{digits}f}] ({notes})"
 
 
-def _noise(d: Estimate) -> str:
-    return "" if excludes_zero(d) else " (inside the noise)"
+def _cost(d: Estimate) -> str:
+    """A CE-loss score difference as a cost (its negative), in _d's form."""
+    return _d(Estimate(-d.value, d.se, d.n, d.q, d.seed_var, rule=d.rule), noise=True)
 
 
 def _label(v: Variant) -> str:
@@ -234,9 +297,9 @@ def verdict(study: Study) -> list[str]:
         effect = "lowers" if d_abs.hi < 0 else "raises" if d_abs.lo > 0 else "does not measurably change"
         costs = []
         if d_ce is not None:
-            costs.append(f"CE-loss score Δ {_d(d_ce)}{_noise(d_ce)}")
+            costs.append(f"CE-loss score Δ {_d(d_ce, noise=True)}")
         if d_ev is not None:
-            costs.append(f"EV Δ {_d(d_ev)}{_noise(d_ev)}")
+            costs.append(f"EV Δ {_d(d_ev, noise=True)}")
         lines.append(
             f"{_label(v)} ({v.n_seeds_text()}) {effect} absorption: {_iv(a0)} → {_iv(est)}, "
             f"Δ {_d(d_abs)}" + (f"; {', '.join(costs)}" if costs else "")
@@ -245,11 +308,7 @@ def verdict(study: Study) -> list[str]:
             winners.append((est.value, v, d_abs, d_ce))
     if winners:
         _, v, d_abs, d_ce = min(winners, key=lambda w: w[0])
-        cost = (
-            f" at a CE-loss score cost of {-d_ce.value:+.3f} [{-d_ce.hi:+.3f}, {-d_ce.lo:+.3f}]{_noise(d_ce)}"
-            if d_ce
-            else ""
-        )
+        cost = f" at a CE-loss score cost of {_cost(d_ce)}" if d_ce else ""
         head = (
             f"**Verdict:** {_label(v)} lowers the absorption fraction from {_iv(a0)} to "
             f"{_iv(study.estimates[v.name]['absorption'])} (Δ {_d(d_abs)}){cost}, the largest reduction "

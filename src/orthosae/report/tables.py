@@ -10,9 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import torch
+
 from orthosae.eval.compare import NOISE_RULE
-from orthosae.eval.results import SECTION_KEYS
-from orthosae.eval.uncertainty import CI_SUFFIX, differs
+from orthosae.eval.results import SECTION_KEYS, section_replicates
+from orthosae.eval.uncertainty import CI_SUFFIX, noise_verdict, paired
 from orthosae.report.load import Experiment, finite, order_saes
 
 REL_TOL = 0.01
@@ -165,6 +167,7 @@ def metrics_table(exp: Experiment, baseline: str) -> Table:
     for short in SECTION_KEYS:
         per_sae = {n: section_metrics(exp.saes[n].sections.get(short)) for n in names}
         per_ci = {n: section_intervals(exp.saes[n].sections.get(short)) for n in names}
+        per_reps = {n: section_replicates(exp.saes[n].sections.get(short)) for n in names}
         table.group_rows.add(len(table.rows))
         table.rows.append([Cell(SECTION_TITLES[short], "head")] + [Cell("") for _ in header[1:]])
         keys: list[str] = []
@@ -188,6 +191,7 @@ def metrics_table(exp: Experiment, baseline: str) -> Table:
                         per_sae[baseline],
                         per_ci[n].get(key),
                         per_ci[baseline].get(key),
+                        paired(per_reps[baseline], per_reps[n], key),
                     )
                     for n in others
                 ]
@@ -202,15 +206,18 @@ def _delta_cell(
     base_flat: dict[str, Any] | None,
     ci: tuple[float, float] | None = None,
     base_ci: tuple[float, float] | None = None,
+    reps: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Cell:
+    """Δ to the baseline, its noise mark (NOISE_RULE: paired from `reps` = (baseline's, this SAE's
+    replicates) when they pair, else from the two intervals) and the preserved verdict."""
     if flat is None or base_flat is None:
         return Cell("not run", "na")
     value, base = finite(flat.get(key)), finite(base_flat.get(key))
     if value is None or base is None:
         return Cell("—", "na")
     text = fmt_delta(value, base)
-    if ci is not None and base_ci is not None:
-        text += " *" if differs(base, base_ci, value, ci) else " ~"
+    if ci is not None and base_ci is not None and (noise := noise_verdict(base, base_ci, value, ci, reps)):
+        text += " *" if noise[0] else " ~"
     verdict = preserved(key.rsplit(".", 1)[-1], value, base) if section == "core" else None
     if verdict is None:
         return Cell(text, "num")
