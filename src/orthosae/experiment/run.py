@@ -28,6 +28,9 @@ EVAL_SECONDS = {
     "sparse_probing": (350.0, 40.0),
     "unlearning": (150.0, 150.0),
 }
+# A step relative to TopK's: ReLU's dense backward; BatchTopK's batch-wide selection and padded codes;
+# Matryoshka's decode per group; JumpReLU's dense forward (benchmarks/step.py, d=576, n=4608, B=4096).
+ARCH_STEP_FACTOR = {"relu": 2.4, "batchtopk": 2.4, "matryoshka": 3.6, "jumprelu": 2.4}
 SYNTHETIC_SECONDS = 45.0
 REPORT_SECONDS = 60.0
 
@@ -48,8 +51,8 @@ def estimate_seconds(exp: Experiment, cache_ready: bool) -> dict[str, float]:
 def _step_seconds(t: TrainConfig) -> float:
     d_in = 576  # refined once the cache is open; the estimate only needs the order of magnitude
     # The co-activation penalty costs O(B·k²·d) on top (measured ≈ 1.7× the GEMM's cost per unit); the
-    # ReLU SAE's dense backward ≈ 2.4× TopK's step.
-    gemm = t.batch_size * d_in * t.d_sae / 1e9 * (2.4 if t.arch == "relu" else 1.0)
+    # dense or batch-wide steps cost more than TopK's (ARCH_STEP_FACTOR).
+    gemm = t.batch_size * d_in * t.d_sae / 1e9 * ARCH_STEP_FACTOR.get(t.arch, 1.0)
     penalty = 1.7 * t.batch_size * t.k**2 * d_in / 1e9 if t.penalty_kind() == "coactive" else 0.0
     return STEP_SECONDS_PER_GFLOP * (gemm + penalty)
 
