@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest_models import SAMPLE_TEXTS, save_tiny_model, write_jsonl
 from orthosae.cli import main
 
 torch.set_num_threads(2)
@@ -59,3 +60,15 @@ def assert_one_line_error(result: CliResult, *fragments: str) -> None:
     assert "Traceback" not in result.err
     for frag in fragments:
         assert frag.lower() in lines[0].lower(), f"{frag!r} not in {lines[0]!r}"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random llama (3 layers) with a byte tokenizer, saved once per module."""
+    return save_tiny_model(tmp_path_factory.mktemp("m") / "tiny", "llama", n_layers=3)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small .jsonl corpus of SAMPLE_TEXTS, once per test module."""
+    return write_jsonl(tmp_path_factory.mktemp("c") / "texts.jsonl", SAMPLE_TEXTS)

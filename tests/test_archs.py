@@ -200,11 +200,17 @@ def test_save_load_round_trip(tmp_path: Path, arch: str):
 
 
 @pytest.mark.parametrize(
-    "arch,kind", [("batchtopk", "coactive"), ("matryoshka", "ortsae"), ("jumprelu", "coactive")]
+    "arch,kind,normalize",
+    [
+        ("batchtopk", "coactive", None),
+        ("matryoshka", "ortsae", None),
+        ("jumprelu", "coactive", None),  # normalises its inputs by default
+        ("topk", None, True),
+    ],
 )
-def test_resume_from_state_is_bit_exact(arch: str, kind: str):
+def test_resume_from_state_is_bit_exact(arch: str, kind: str | None, normalize: bool | None):
     cfg = _cfg(arch=arch, orth_kind=kind, matryoshka_fractions="1/4,3/4", threshold_start_step=1,
-               ortsae_chunks=3, dead_tokens=32)  # fmt: skip
+               ortsae_chunks=3, dead_tokens=32, normalize_activations=normalize)  # fmt: skip
     xs = [_x(s) for s in range(6)]
     whole = Trainer(cfg, D)
     for x in xs:
@@ -214,6 +220,7 @@ def test_resume_from_state_is_bit_exact(arch: str, kind: str):
         first.step(x)
     resumed = Trainer(cfg, D)
     resumed.load_state_dict(first.state_dict())
+    assert resumed.norm_factor == first.norm_factor
     for x in xs[3:]:
         resumed.step(x)
     for name, t in whole.sae.state_dict().items():

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest_models import SAMPLE_TEXTS, save_tiny_model, write_jsonl
+from conftest_models import SAMPLE_TEXTS, write_jsonl
 from orthosae.activations import cache as cache_mod
 from orthosae.activations.cache import build_cache, open_cache
 from orthosae.activations.harvest import resid_post
@@ -23,16 +23,6 @@ from orthosae.errors import UserError
 from orthosae.models import load_model
 
 KW = dict(layer=1, context_size=32, batch_size=3, shard_tokens=100, progress=False)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_model(tmp_path_factory.mktemp("m") / "tiny", "llama", n_layers=3)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_jsonl(tmp_path_factory.mktemp("c") / "texts.jsonl", SAMPLE_TEXTS)
 
 
 def _all(cache: cache_mod.ActivationCache) -> tuple[np.ndarray, np.ndarray]:

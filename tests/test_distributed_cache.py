@@ -29,7 +29,7 @@ import pytest
 import torch
 
 import orthosae
-from conftest_models import SAMPLE_TEXTS, save_tiny_model, write_jsonl
+from conftest_models import SAMPLE_TEXTS, write_jsonl
 from orthosae.activations.cache import MANIFEST, build_cache, open_cache, sha256_file
 from orthosae.activations.cache_plan import COMPLETE, STOPPED, Harvested, Keep, Plan
 from orthosae.errors import UserError
@@ -37,16 +37,6 @@ from orthosae.errors import UserError
 REL_TOL = 1e-5
 KW: dict[str, Any] = dict(layer=1, context_size=32, batch_size=3, shard_tokens=128, remove_high_norm=1.1)
 TOKENS = 700  # about 8 shards of the full corpus
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_model(tmp_path_factory.mktemp("m") / "tiny", "llama", n_layers=3)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_jsonl(tmp_path_factory.mktemp("c") / "texts.jsonl", SAMPLE_TEXTS)
 
 
 @contextlib.contextmanager

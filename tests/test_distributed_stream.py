@@ -20,7 +20,6 @@ from typing import Any
 import pytest
 import torch
 
-from conftest_models import SAMPLE_TEXTS, save_tiny_model, write_jsonl
 from orthosae.activations.harvest import harvest
 from orthosae.activations.source import stream_activations
 from orthosae.activations.stream import StreamWindows, rank_span
@@ -56,16 +55,6 @@ for tokens in map(int, sys.argv[4:]):
 distributed.stop()
 distributed.exit_process(0)
 """
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_model(tmp_path_factory.mktemp("m") / "tiny", "llama", n_layers=3)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_jsonl(tmp_path_factory.mktemp("c") / "texts.jsonl", SAMPLE_TEXTS)
 
 
 def _one_process(model_dir: Path, corpus: Path, tokens: int) -> list[torch.Tensor]:

@@ -10,18 +10,13 @@ import pytest
 import torch
 
 from conftest import assert_one_line_error
-from conftest_models import SAMPLE_TEXTS, save_tiny_model, write_jsonl
+from conftest_models import SAMPLE_TEXTS, write_jsonl
 from orthosae.activations.cache import MANIFEST, build_cache
 from orthosae.activations.harvest import harvest
 from orthosae.activations.source import stream_activations
 from orthosae.data.pack import iter_contexts
 from orthosae.data.texts import iter_texts
 from orthosae.models.loader import dtype_name, load_model
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_model(tmp_path_factory.mktemp("m") / "tiny", "llama", n_layers=3)
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """--normalize-activations: training on x / f with f the first batch's root mean squared norm, then folding f
-into the saved SAE's biases and thresholds (dictionary_learning's normalize_activations + scale_biases)."""
+into the saved SAE's biases and thresholds (dictionary_learning's normalize_activations + scale_biases).
+Bit-exact resume with the factor: tests/test_archs.py::test_resume_from_state_is_bit_exact."""
 
 from __future__ import annotations
 
@@ -94,24 +95,6 @@ def test_saved_sae_takes_raw_activations_and_records_the_factor(tmp_path: Path):
     x = _x(7)
     expected = tr.norm_factor * tr.sae.eval().reconstruct(x / tr.norm_factor)
     assert torch.allclose(sae.reconstruct(x), expected, rtol=1e-4, atol=1e-3)
-
-
-def test_resume_keeps_the_factor_and_is_bit_exact():
-    cfg = _cfg(arch="topk", normalize_activations=True)
-    xs = [_x(s) for s in range(5)]
-    whole = Trainer(cfg, D)
-    for x in xs:
-        whole.step(x)
-    first = Trainer(cfg, D)
-    for x in xs[:2]:
-        first.step(x)
-    resumed = Trainer(cfg, D)
-    resumed.load_state_dict(first.state_dict())
-    assert resumed.norm_factor == first.norm_factor
-    for x in xs[2:]:
-        resumed.step(x)
-    for name, t in whole.sae.state_dict().items():
-        assert torch.equal(resumed.sae.state_dict()[name], t), name
 
 
 def test_a_state_from_before_normalisation_resumes_unscaled():
