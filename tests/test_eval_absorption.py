@@ -308,7 +308,7 @@ def test_gate_reports_null_with_a_reason():
     assert "need 20" in un["reason"] and "max_words=200" in un["reason"]
     assert un["num_letters_kept"] < 20
     assert any("max_words=200" in d for d in un["departures_from_saebench"])
-    assert A.headline_replicates(lm, scores, cfg, 0) == {}  # no headline, no replicates
+    assert A.replicates_record(A.headline_replicates(lm, scores, cfg, 0)) == {}  # no headline, no replicates
 
 
 def test_clean_sae_has_no_absorption():
@@ -324,7 +324,7 @@ def test_clean_sae_has_no_absorption():
     assert mean["mean_absorption_fraction_score_ci95"] == [0.0, 0.0]
     assert all(scores.split_feats[r["first_letter"]] == [LETTERS.index(r["first_letter"])] for r in details)
     # The stored replicates are the vectors the intervals come from, over the words listed as the items.
-    reps = A.headline_replicates(lm, scores, cfg, 0)
+    reps = A.replicates_record(A.headline_replicates(lm, scores, cfg, 0))
     assert set(reps) == {f"mean.{k}" for k in A.HEADLINES}
     assert all(len(v) == cfg.n_bootstrap and set(v) == {0.0} for v in reps.values())
     items = A.resampled_items(lm, scores)

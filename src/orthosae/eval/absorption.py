@@ -433,15 +433,18 @@ def _word_values(scores: SAEScores, kept: list[str]) -> list[tuple[torch.Tensor,
     return [(scores.word_fraction[c], scores.word_full[c].double()) for c in kept]
 
 
-def headline_replicates(
-    lm: LMData, scores: SAEScores, cfg: Config, seed: int
-) -> dict[str, list[float | None]]:
-    """{"mean.<headline>": its resampled values} for the section's bootstrap_replicates, the vectors the
-    intervals are taken from; empty when no headline is reported."""
+def headline_replicates(lm: LMData, scores: SAEScores, cfg: Config, seed: int) -> torch.Tensor | None:
+    """The HEADLINES' resampled values (len(HEADLINES), n_bootstrap): the vectors their intervals are
+    taken from and the section's bootstrap_replicates; None when no headline is reported or there are no
+    resamples."""
     kept = _kept(lm, scores)
     if len(kept) < cfg.min_feats_for_eval:
-        return {}
-    reps = calc.letter_mean_replicates(_word_values(scores, kept), n_resamples=cfg.n_bootstrap, seed=seed)
+        return None
+    return calc.letter_mean_replicates(_word_values(scores, kept), n_resamples=cfg.n_bootstrap, seed=seed)
+
+
+def replicates_record(reps: torch.Tensor | None) -> dict[str, list[float | None]]:
+    """{"mean.<headline>": its resampled values}, as eval.json stores them; empty without resamples."""
     if reps is None:
         return {}
     return {f"mean.{k}": uncertainty.replicates_json(r) for k, r in zip(HEADLINES, reps, strict=True)}
@@ -458,8 +461,11 @@ def resampled_items(lm: LMData, scores: SAEScores) -> dict[str, Any]:
     }
 
 
-def summarize(lm: LMData, scores: SAEScores, cfg: Config, seed: int) -> tuple[dict, list[dict], dict]:
-    """(eval_result_metrics, eval_result_details, eval_result_unstructured)."""
+def summarize(
+    lm: LMData, scores: SAEScores, cfg: Config, seed: int, reps: torch.Tensor | None = None
+) -> tuple[dict, list[dict], dict]:
+    """(eval_result_metrics, eval_result_details, eval_result_unstructured). `reps`: the headlines'
+    resampled values when the caller already has them (`headline_replicates`); computed here otherwise."""
     kept = _kept(lm, scores)
     rows = [
         calc.letter_row(c, scores.word_fraction[c], scores.word_full[c], scores.split_feats[c]) for c in kept
@@ -480,8 +486,8 @@ def summarize(lm: LMData, scores: SAEScores, cfg: Config, seed: int) -> tuple[di
         details: list[dict] = []
     else:
         mean = calc.headline(rows)
-        values = _word_values(scores, kept)
-        intervals = calc.letter_mean_intervals(values, n_resamples=cfg.n_bootstrap, seed=seed)
+        reps = headline_replicates(lm, scores, cfg, seed) if reps is None else reps
+        intervals = calc.replicate_intervals(reps, len(HEADLINES))
         for key, interval in zip(HEADLINES, intervals, strict=True):
             mean[uncertainty.ci_key(key)] = interval
         details = rows
@@ -579,7 +585,8 @@ def evaluate(ctx: EvalContext, cfg: Config) -> dict[str, Any]:
         return sae.encode(x.to(device)).float().cpu()
 
     scores = score_sae(lm, encode, W_dec, cfg, ctx.seed)
-    metrics, details, unstructured = summarize(lm, scores, cfg, ctx.seed)
+    reps = headline_replicates(lm, scores, cfg, ctx.seed)
+    metrics, details, unstructured = summarize(lm, scores, cfg, ctx.seed, reps)
     unstructured["seconds"]["lm_part_reused"] = not fresh
     n_units = unstructured["num_words_scored"]
     eval_config = {
@@ -595,5 +602,5 @@ def evaluate(ctx: EvalContext, cfg: Config) -> dict[str, Any]:
         **fold_record(ctx.sae),
     }
     block = section(ctx, EVAL_TYPE_ID, eval_config, metrics, details, unstructured)
-    block[uncertainty.REPLICATES_KEY] = headline_replicates(lm, scores, cfg, ctx.seed)
+    block[uncertainty.REPLICATES_KEY] = replicates_record(reps)
     return block

@@ -161,6 +161,11 @@ def letter_mean_intervals(
     if not per_letter:
         return []
     means = letter_mean_replicates(per_letter, n_resamples=n_resamples, seed=seed)
+    return replicate_intervals(means, len(per_letter[0]))
+
+
+def replicate_intervals(means: torch.Tensor | None, n_values: int) -> list[list[float] | None]:
+    """The percentile interval of each row of `letter_mean_replicates`; n_values Nones without resamples."""
     if means is None:
-        return [None] * len(per_letter[0])
+        return [None] * n_values
     return [uncertainty.as_list(uncertainty.percentile_interval(m)) for m in means]
