@@ -16,7 +16,7 @@ from orthosae.errors import UserError
 from orthosae.eval import core
 from orthosae.eval import metrics as M
 from orthosae.eval.context import EvalContext
-from orthosae.eval.splice import spliced_logits
+from orthosae.eval.splice import Splicer, spliced_logits
 from orthosae.models.blocks import find_blocks
 from orthosae.models.loader import LoadedModel
 from orthosae.sae import ReLUSAE, TopKSAE
@@ -178,15 +178,15 @@ def _next_block_inputs(loaded: LoadedModel, run) -> list[torch.Tensor]:
 def test_eval_splices_keep_excluded_tokens_unchanged(planted, corpus: Path, monkeypatch):
     loaded, tid = planted
     calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    real = core.spliced_logits
+    real = Splicer.spliced
 
-    def spy(model, layer, tokens, replacement, mask):
+    def spy(self, tokens, hidden, replacement, mask):
         out: list[torch.Tensor] = []
-        seen = _next_block_inputs(loaded, lambda: out.append(real(model, layer, tokens, replacement, mask)))
+        seen = _next_block_inputs(loaded, lambda: out.append(real(self, tokens, hidden, replacement, mask)))
         calls.append((tokens, mask, seen[0]))
         return out[0]
 
-    monkeypatch.setattr(core, "spliced_logits", spy)
+    monkeypatch.setattr(Splicer, "spliced", spy)
     cfg = _cfg(corpus, n_eval_reconstruction_batches=3, n_eval_sparsity_variance_batches=3)
     _evaluate(loaded, _overshoot_sae(loaded, tid), cfg)
     batches = _batches(loaded, corpus, 3)

@@ -291,6 +291,6 @@ def test_shared_lm_forwards_give_the_same_results(
         ctx = _ctx(tiny, sae)
         ctx.shared = shared
         together.append(core.evaluate(ctx, cfg)["metrics"])
-    assert len(shared) == 3  # one entry per batch, computed once
+    assert len(shared) == 4  # one entry per batch, computed once, and the splicer
     assert together == alone
     assert alone[0] != alone[1]

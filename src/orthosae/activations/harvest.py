@@ -16,6 +16,7 @@ import torch
 from orthosae.data.pack import Contexts
 from orthosae.models.blocks import check_layer, find_blocks
 from orthosae.models.loader import LoadedModel
+from orthosae.models.placement import input_device
 
 
 class StopForward(Exception):
@@ -30,7 +31,8 @@ def hook_name(layer: int) -> str:
 def resid_post(
     model: torch.nn.Module, input_ids: torch.Tensor, layer: int, attention_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Output of decoder block `layer`, (batch, seq, d_model), running blocks 0..layer only."""
+    """Output of decoder block `layer`, (batch, seq, d_model), running blocks 0..layer only; on the device of
+    `input_ids` wherever block `layer` ran (a model spread by a device map holds it on another GPU)."""
     blocks = find_blocks(model)
     layer = check_layer(layer, len(blocks))
     captured: list[torch.Tensor] = []
@@ -51,7 +53,7 @@ def resid_post(
         handle.remove()
     if not captured:
         raise RuntimeError(f"block {layer} never ran: the model's forward skipped it")
-    return captured[0]
+    return captured[0].to(input_ids.device)
 
 
 @dataclass
@@ -84,7 +86,7 @@ def harvest(
     median, and a single one dominates a batch's squared error (dictionary_learning's remove_high_norm).
     """
     layer = check_layer(layer, loaded.n_layers)
-    device = next(loaded.model.parameters()).device
+    device = input_device(loaded.model)  # a spread model: its embedding's device
     for batch in batches:
         acts = resid_post(loaded.model, batch.tokens.to(device), layer).float().cpu()
         mask = high_norm_kept(acts, batch.mask, remove_high_norm)

@@ -23,6 +23,7 @@ from orthosae.activations.stream import StreamWindows
 from orthosae.data.texts import describe
 from orthosae.models.blocks import check_layer
 from orthosae.models.loader import LoadedModel, load_model
+from orthosae.models.placement import DeviceMap
 from orthosae.train.distributed import Ranks
 
 
@@ -89,13 +90,15 @@ def stream_activations(
     progress: bool = True,
     model_dtype: str = "float32",
     ranks: Ranks | None = None,
+    model_device_map: DeviceMap | None = None,
 ) -> ActivationSource:
     """Shuffled batches harvested on the fly (one pass over about `n_tokens` tokens; no disk).
 
-    `model_dtype`: the dtype the model is loaded in (batches are float32 whatever it is). `ranks` (torchrun):
+    `model_dtype`: the dtype the model is loaded in (batches are float32 whatever it is); `model_device_map`:
+    spread it over the visible GPUs (orthosae.models.placement; one process only). `ranks` (torchrun):
     every rank harvests its share of each window and yields its slice of each global batch (see
     orthosae.activations.stream); every rank must call this alike."""
-    loaded = model or load_model(model_name, dtype=model_dtype)
+    loaded = model or load_model(model_name, dtype=model_dtype, device_map=model_device_map)
     layer = check_layer(layer, loaded.n_layers)
     windows = StreamWindows(
         loaded,

@@ -19,6 +19,11 @@ class HarvestOptions:
 
     device: Literal["cpu", "cuda"] = "cpu"
     """Device the model runs on; with cuda under torchrun, each rank uses the GPU numbered its LOCAL_RANK."""
+    model_device_map: str = "none"
+    """One process only: spread the model over the visible GPUs (and CPU) with transformers' device_map,
+    for a model too large for one GPU, instead of --device: auto, balanced, balanced_low_0, sequential, one
+    device (cuda:1) or a JSON object of module → device ('{"model.layers": 0, "lm_head": 1}'); none loads
+    it whole on --device."""
     dist_timeout: float = 300.0
     """Under torchrun: seconds a rank waits for the others (they exchange progress after every forward
     batch) before it stops with an error, so a hung rank never leaves the rest waiting forever."""
@@ -36,6 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(ns: argparse.Namespace) -> int:
     from orthosae.activations.cache import RESUME_HINT
     from orthosae.models import load_model
+    from orthosae.models.placement import check_single_process, parse_device_map
     from orthosae.train import distributed
 
     cfg = resolve(CacheConfig, ns, ns.config)
@@ -45,8 +51,11 @@ def run(ns: argparse.Namespace) -> int:
         raise UserError(f"--dist-timeout must be a positive number of seconds, got {opts.dist_timeout}")
     assert cfg.out is not None and cfg.layer is not None
     world = distributed.world_size()
+    device_map = parse_device_map(opts.model_device_map)
+    check_single_process(device_map, world)
+    device = "cpu" if device_map is not None else _device(opts.device, world)  # the map places the model
     # Every rank loads the model before joining, so identical errors stop all ranks at once.
-    model = load_model(cfg.model, dtype=cfg.model_dtype, device=_device(opts.device, world))
+    model = load_model(cfg.model, dtype=cfg.model_dtype, device=device, device_map=device_map)
     # The collectives only carry a few counts between hosts: gloo, whatever device the model is on.
     ranks = distributed.start("cpu", opts.dist_timeout, RESUME_HINT) if world > 1 else None
     try:

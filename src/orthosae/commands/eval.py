@@ -41,6 +41,11 @@ class EvalOptions:
     device: str = "cpu"
     """Torch device for the model and SAE; with cuda under torchrun, each rank uses the GPU numbered its
     LOCAL_RANK."""
+    model_device_map: str = "none"
+    """One process only: spread the language model over the visible GPUs (and CPU) with transformers'
+    device_map, for a model too large for one GPU: auto, balanced, balanced_low_0, sequential, one device
+    (cuda:1) or a JSON object of module → device ('{"model.layers": 0, "lm_head": 1}'); --device then
+    places only the SAE. none loads the model whole on --device."""
     seed: int = 42
     """Seed for the evals' random choices."""
     progress: bool = True
@@ -108,6 +113,7 @@ def _compare(runs: list[str]) -> int:
 def _evaluate(runs: list[str], opts: EvalOptions) -> int:
     from orthosae.eval.ranks import HINT, rank_device
     from orthosae.eval.runner import eval_config, parse_evals, read_eval_toml
+    from orthosae.models.placement import check_single_process, parse_device_map
     from orthosae.train import distributed
 
     if not runs:
@@ -129,6 +135,7 @@ def _evaluate(runs: list[str], opts: EvalOptions) -> int:
     if not (math.isfinite(opts.dist_timeout) and opts.dist_timeout > 0):
         raise UserError(f"--dist-timeout must be a positive number of seconds, got {opts.dist_timeout}")
     world = distributed.world_size()
+    check_single_process(parse_device_map(opts.model_device_map), world)
     device = rank_device(opts.device, world, _local_rank(), _gpus(opts.device))
     if world == 1:
         return _evaluate_runs(runs, opts, names, tables, source, device, None)
@@ -189,6 +196,7 @@ def _evaluate_runs(
             model_name=opts.model,
             layer=opts.layer,
             device=device,
+            model_device_map=opts.model_device_map,
             seed=opts.seed,
             progress=opts.progress and main,
             model=model if model is not None and model.model_id == _model_id(opts, run_dir) else None,

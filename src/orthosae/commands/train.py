@@ -27,6 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(ns: argparse.Namespace) -> int:
+    from orthosae.models.placement import check_single_process, parse_device_map
     from orthosae.train import distributed
     from orthosae.train.checkpoint import Stopped, resumed_config
     from orthosae.train.loop import train
@@ -37,6 +38,7 @@ def run(ns: argparse.Namespace) -> int:
     else:
         cfg = resolve(TrainConfig, ns, ns.config)
     world = distributed.world_size()
+    check_single_process(parse_device_map(cfg.model_device_map), world)
     if world == 1:
         ranks = None
     else:  # launched by torchrun: every rank checks the same options, then joins the group

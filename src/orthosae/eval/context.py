@@ -28,6 +28,8 @@ class EvalContext:
     one dict handed to every SAE's context in an experiment, so that work is done once per model/layer."""
     ranks: Ranks | None = field(default=None, repr=False)
     """Under torchrun: this process's rank; the evals then split their LM forwards (eval.ranks)."""
+    model_device_map: str | dict[str, Any] | None = None
+    """Spread the model over several devices (orthosae.models.placement); the SAE stays on `device`."""
 
     @classmethod
     def from_run(
@@ -42,6 +44,7 @@ class EvalContext:
         model: LoadedModel | None = None,
         shared: dict[Any, Any] | None = None,
         ranks: Ranks | None = None,
+        model_device_map: str | dict[str, Any] | None = None,
     ) -> EvalContext:
         """Load the SAE in `run_dir` (ours, SAELens's or dictionary_learning's); the model and layer default
         to the ones its config records."""
@@ -67,6 +70,7 @@ class EvalContext:
             model,
             shared if shared is not None else {},
             ranks,
+            model_device_map,
         )
 
     def memo(self, key: tuple[Any, ...], compute: Any) -> Any:
@@ -80,5 +84,5 @@ class EvalContext:
     @property
     def model(self) -> LoadedModel:
         if self._model is None:
-            self._model = load_model(self.model_name, device=self.device)
+            self._model = load_model(self.model_name, device=self.device, device_map=self.model_device_map)
         return self._model

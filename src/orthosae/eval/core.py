@@ -50,7 +50,8 @@ from orthosae.eval import uncertainty as U
 from orthosae.eval.context import EvalContext
 from orthosae.eval.ranks import gather_objects, n_owned, owns
 from orthosae.eval.results import core_section
-from orthosae.eval.splice import ablated_logits, clean_run, spliced_logits
+from orthosae.eval.splice import Splicer, clean_run
+from orthosae.models.placement import input_device
 from orthosae.sae import SAE
 from orthosae.train.distributed import Ranks, all_reduce_max_
 
@@ -345,25 +346,27 @@ LOGITS_MEMO_BYTES = 2 << 30  # clean logits of every reconstruction batch are ke
 
 
 def _lm_batch(
-    model: torch.nn.Module, layer: int, tokens: torch.Tensor, recon: bool, n_recon: int, cfg: Config
+    splicer: Splicer, tokens: torch.Tensor, recon: bool, n_recon: int, cfg: Config
 ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None]:
     """What a batch needs from the model alone: block-L output, and for reconstruction batches the
     per-position losses of the clean and zero-ablated runs and the clean logits (None when keeping
     n_recon batches of them would exceed LOGITS_MEMO_BYTES; the caller then recomputes them)."""
+    model, layer = splicer.model, splicer.layer
     if not recon:
         return resid_post(model, tokens, layer), None, None
     hidden, clean_logits = clean_run(model, layer, tokens)
+    splicer.calibrate(tokens, hidden, clean_logits)
     clean = {"ce": M.ce_per_position(clean_logits, tokens).double()} if cfg.compute_ce_loss else {}
-    abl = position_losses(ablated_logits(model, layer, tokens), clean_logits, tokens, cfg)
+    abl = position_losses(splicer.ablated(tokens, hidden), clean_logits, tokens, cfg)
     keep = clean_logits.numel() * clean_logits.element_size() * n_recon <= LOGITS_MEMO_BYTES
     return hidden, clean_logits if keep else None, (clean, abl)
 
 
 def _loss_batch(
     col: _Collected,
-    loaded_model: torch.nn.Module,
-    layer: int,
+    splicer: Splicer,
     tokens: torch.Tensor,
+    hidden: torch.Tensor,
     clean_logits: torch.Tensor,
     lm_losses: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None,
     replacement: torch.Tensor,
@@ -375,7 +378,7 @@ def _loss_batch(
     one run at a time."""
     assert lm_losses is not None
     clean, abl = lm_losses
-    spliced = spliced_logits(loaded_model, layer, tokens, replacement, masks.splice_kept)
+    spliced = splicer.spliced(tokens, hidden, replacement, masks.splice_kept)
     sae = position_losses(spliced, clean_logits, tokens, cfg)
     del spliced
     col.losses["kept"].add(loss_sums(clean, sae, abl, masks.kept), batch)
@@ -388,7 +391,7 @@ def _loss_batch(
     sae_all = {k: v.clone() for k, v in sae.items()}
     if len(rows):
         start = time.perf_counter()
-        sub = spliced_logits(loaded_model, layer, tokens[rows], replacement[rows], masks.splice_all[rows])
+        sub = splicer.spliced(tokens[rows], hidden[rows], replacement[rows], masks.splice_all[rows])
         for k, v in position_losses(sub, clean_logits[rows], tokens[rows], cfg).items():
             sae_all[k][rows] = v
         if tokens.is_cuda:
@@ -576,7 +579,8 @@ def evaluate(ctx: EvalContext, cfg: Config) -> dict[str, Any]:
         )
     if not -loaded.n_layers <= ctx.layer < loaded.n_layers:
         raise UserError(f"layer {ctx.layer} is out of range: {ctx.model_name} has {loaded.n_layers} layers")
-    device = next(loaded.model.parameters()).device
+    # Token ids go where the input embedding runs; block L's output comes back there, and the SAE joins it.
+    device = input_device(loaded.model)
     sae = sae.to(device)
     factor, factor_why = high_norm_rule(ctx.sae_cfg, cfg.remove_high_norm)
 
@@ -605,6 +609,8 @@ def evaluate(ctx: EvalContext, cfg: Config) -> dict[str, Any]:
         if cfg.compute_orthogonality
         else None,
     )
+    # One per model and layer, shared by every SAE: it is calibrated on the first reconstruction batch.
+    splicer = ctx.memo(("splicer", id(loaded.model)), lambda: Splicer(loaded.model, ctx.layer))
     n_done = 0
     bar = _progress(ctx.progress, n_owned(n_batches, ctx.ranks))
     batches = iter(data)
@@ -623,9 +629,7 @@ def evaluate(ctx: EvalContext, cfg: Config) -> dict[str, Any]:
                    cfg.skip_contexts, cfg.compute_kl, cfg.compute_ce_loss, i, recon)  # fmt: skip
             hidden, clean_logits, lm_losses = ctx.memo(
                 key,
-                lambda tokens=tokens, recon=recon: _lm_batch(
-                    loaded.model, ctx.layer, tokens, recon, n_recon, cfg
-                ),
+                lambda tokens=tokens, recon=recon: _lm_batch(splicer, tokens, recon, n_recon, cfg),
             )
             if recon and clean_logits is None:  # too large to keep for the next SAE: recompute
                 clean_logits = clean_run(loaded.model, ctx.layer, tokens)[1]
@@ -639,9 +643,7 @@ def evaluate(ctx: EvalContext, cfg: Config) -> dict[str, Any]:
             if clean_logits is not None:
                 replacement = hidden.clone()
                 replacement[encoded] = x_hat.to(hidden.dtype)
-                _loss_batch(
-                    col, loaded.model, ctx.layer, tokens, clean_logits, lm_losses, replacement, masks, cfg, i
-                )
+                _loss_batch(col, splicer, tokens, hidden, clean_logits, lm_losses, replacement, masks, cfg, i)
                 del replacement
             bar.update(1)
     finally:
@@ -700,6 +702,9 @@ def evaluate(ctx: EvalContext, cfg: Config) -> dict[str, Any]:
             else "every non-special token (no high-norm rule)"
         ),
         "remove_high_norm_resolved": factor,
+        # True: the spliced and ablated runs started from block L's output (checked to reproduce the
+        # clean logits on the first batch); False: from the tokens.
+        "splice_from_block_output": splicer.from_block_output,
         "remove_high_norm_source": factor_why,
         "bootstrap_config": U.bootstrap_config(
             "eval context (tokens within a context are correlated, so resampling tokens would understate "

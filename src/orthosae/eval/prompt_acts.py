@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from orthosae.activations.harvest import resid_post
 from orthosae.eval.ranks import check_same_inputs, owns, sum_rows_
 from orthosae.models.loader import LoadedModel
+from orthosae.models.placement import input_device
 from orthosae.train.distributed import Ranks
 
 
@@ -54,7 +55,7 @@ def forward_batches(
     """
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     pad = pad_id_of(loaded.tokenizer)
-    device = next(loaded.model.parameters()).device
+    device = input_device(loaded.model)  # a spread model: its embedding's device
     starts = [s for j, s in enumerate(range(0, len(order), batch_size)) if owns(j, ranks)]
     for start in tqdm(starts, disable=not progress, desc=desc, leave=False):
         idx = order[start : start + batch_size]

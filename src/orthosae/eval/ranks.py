@@ -24,6 +24,7 @@ from __future__ import annotations
 import zlib
 from array import array
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -45,6 +46,27 @@ def n_owned(n_batches: int, ranks: Ranks | None) -> int:
     if ranks is None:
         return n_batches
     return len(range(ranks.rank, n_batches, ranks.world))
+
+
+@dataclass
+class Deal:
+    """Batch j on rank j mod W, where j counts the batches of several calls in turn (one eval's many small
+    forward loops, each a batch or two long, would otherwise all start on rank 0). Every rank must deal
+    the same batches in the same order, which holds where the decisions that shape them are global."""
+
+    ranks: Ranks | None = None
+    dealt: int = 0
+
+    @property
+    def width(self) -> int:
+        """Batches per round: one each for every rank."""
+        return 1 if self.ranks is None else self.ranks.world
+
+    def take(self) -> bool:
+        """Deal the next batch: whether this rank runs it."""
+        mine = owns(self.dealt, self.ranks)
+        self.dealt += 1
+        return mine
 
 
 def rank_device(device: str, world: int, local_rank: int, n_gpus: int) -> str:

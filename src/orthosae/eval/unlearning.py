@@ -40,6 +40,16 @@ cached block-L output (eval.unlearning_forward, checked against the full forward
 chosen latent fires (elsewhere the edit is zero and the answer is the baseline's), and stop scoring retain
 questions once the gate is certain to fail in the full sample and every resample (the forget questions are
 then not run at all); none of these shortcuts changes a number.
+
+Under torchrun (`ctx.ranks`) the LM forwards are split as in the other evals (eval.ranks): one process's
+forward batches, batch j on rank j mod W, where j counts on across the calls of one phase (a question set's
+baseline and orderings; one SAE's whole intervention grid) so that short loops do not all start on rank 0.
+Answers are filled by the rank that ran them, zeros elsewhere, and summed over ranks; the kept questions'
+block-L outputs are put back the same way, so every rank holds one process's answers and outputs and takes
+the same decisions. The corpora's batches stay on the rank that ran them: firing counts are summed over
+ranks (integers, exact). Interventions run in rounds of W batches, one per rank; after each round the
+answers are summed and the retain early stop is asked batch by batch in one process's order, so it stops
+after the same batch (a round's later batches are then discarded). Every number equals one process's.
 """
 
 from __future__ import annotations
@@ -60,9 +70,10 @@ from orthosae.eval import uncertainty
 from orthosae.eval.context import EvalContext
 from orthosae.eval.fold import fold_record, folded
 from orthosae.eval.prompt_acts import forward_batches
+from orthosae.eval.ranks import Deal, check_same_inputs, owns, sum_rows_
 from orthosae.eval.results import section
 from orthosae.eval.unlearning_data import DEFAULT_QUESTIONS, build_unlearning_set, default_dir, read_jsonl
-from orthosae.eval.unlearning_forward import answer, answer_from_hidden, upper_matches
+from orthosae.eval.unlearning_forward import answer, answer_from_hidden, gathered, upper_matches
 from orthosae.eval.unlearning_prompts import (
     MAX_MCQ_CHOICES,
     chat_wrap,
@@ -84,6 +95,8 @@ from orthosae.eval.unlearning_score import (
 )
 from orthosae.models.blocks import find_blocks
 from orthosae.models.loader import LoadedModel
+from orthosae.models.placement import input_device
+from orthosae.train.distributed import Ranks, all_reduce_max_
 
 __all__ = [
     "Config",
@@ -212,13 +225,13 @@ def edited_residual(
 ) -> torch.Tensor:
     """h + decode(z_edit) − decode(z) for h (B, T, d); position 0 (BOS) untouched when `skip_first`."""
     flat = h.reshape(-1, h.shape[-1])
-    z = sae.encode(flat.to(sae.W_dec.dtype))
+    z = sae.encode(flat.to(sae.W_dec.device, sae.W_dec.dtype))
     idx = torch.as_tensor(list(features), dtype=torch.long, device=z.device)
     dz = clamp_latents(z, features, multiplier)[:, idx] - z[:, idx]
     delta = (dz @ sae.W_dec[idx]).reshape(h.shape).to(h.dtype)
     if skip_first:
         delta[:, 0] = 0
-    return h + delta
+    return h + delta.to(h.device)
 
 
 @contextmanager
@@ -281,18 +294,27 @@ def _read_questions(path: Path, n: int | None, name: str) -> list[dict]:
 
 
 def prepare_questions(
-    loaded: LoadedModel, layer: int, cfg: Config, path: Path, subject: str | None, name: str
+    loaded: LoadedModel,
+    layer: int,
+    cfg: Config,
+    path: Path,
+    subject: str | None,
+    name: str,
+    ranks: Ranks | None = None,
 ) -> QuestionSet:
-    """The unedited model's answers, the filter, and block L's output on the kept questions."""
+    """The unedited model's answers, the filter, and block L's output on the kept questions. With `ranks`,
+    each rank runs its share of the forward batches and every rank returns the whole set."""
     start = time.perf_counter()
     tok = loaded.tokenizer
     items = _read_questions(path, cfg.n_questions, name)
     bs = cfg.llm_batch_size
+    deal = Deal(ranks)
     if cfg.protocol == "cloze":
         seqs, cands, answers, used = encode_cloze(tok, items)
+        check_same_inputs(seqs, ranks, f"unlearning {name} questions")
         ans = torch.tensor(answers, dtype=torch.long)
         capture = _fits(seqs, loaded.d_model)
-        preds, hidden = answer(loaded, layer, seqs, cands, bs, capture=capture)
+        preds, hidden = _answer(loaded, layer, seqs, cands, bs, deal, capture)
         correct = preds == ans
         keep = correct.nonzero().flatten().tolist()
         stats: dict[str, Any] = {
@@ -308,10 +330,11 @@ def prepare_questions(
         n_choices = [len(parsed[i][1]) for i in used]
         letters = letter_tokens(tok, max(n_choices, default=2))
         seqs = [tokenize_prompt(tok, mcq_prompt(p[0], p[1], p[3], wrap)) for p in (parsed[i] for i in used)]
+        check_same_inputs(seqs, ranks, f"unlearning {name} questions")
         cands = [letters[:n] for n in n_choices]
         ans = torch.tensor([parsed[i][2] for i in used], dtype=torch.long)
         capture = _fits(seqs, loaded.d_model)
-        preds, hidden = answer(loaded, layer, seqs, cands, bs, capture=capture)
+        preds, hidden = _answer(loaded, layer, seqs, cands, bs, deal, capture)
         alive = preds == ans
         identity_correct = int(alive.sum())
         # Further orderings only for questions still alive: one wrong ordering rules a question out.
@@ -327,7 +350,7 @@ def prepare_questions(
                 permuted, target = permute(choices, answer_i, perms[n_choices[j]][r])
                 prompts.append(tokenize_prompt(tok, mcq_prompt(question, permuted, subj, wrap)))
                 targets.append(target)
-            got, _ = answer(loaded, layer, prompts, [cands[j] for j in todo], bs)
+            got, _ = _answer(loaded, layer, prompts, [cands[j] for j in todo], bs, deal)
             alive[todo] = got == torch.tensor(targets, dtype=torch.long)
         keep = alive.nonzero().flatten().tolist()
         first = parsed[used[0]] if used else None
@@ -338,13 +361,17 @@ def prepare_questions(
             "n_orderings": n_orderings,
             "prompt_example": mcq_prompt(first[0], first[1], first[3], wrap) if first else None,
         }
-    kept_hidden = [hidden[i] for i in keep] if hidden is not None else None
+    kept_hidden = None
+    if hidden is not None:
+        lengths = [len(seqs[i]) for i in keep]
+        kept_hidden = gathered([hidden[i] for i in keep], lengths, loaded.d_model, ranks)
     upper_ok = False
     if kept_hidden:
         try:
             upper_ok, _ = upper_matches(loaded, layer, [seqs[i] for i in keep], kept_hidden)
         except Exception:  # a model family whose forward cannot start from inputs_embeds: full forwards
             upper_ok = False
+        upper_ok = _on_every_rank(upper_ok, ranks)
     stats = {
         "n_items": len(items),
         "n_usable": len(seqs),
@@ -363,41 +390,99 @@ def prepare_questions(
     )
 
 
+def _answer(
+    loaded: LoadedModel,
+    layer: int,
+    seqs: Sequence[Sequence[int]],
+    cands: Sequence[Sequence[Sequence[int]]],
+    batch_size: int,
+    deal: Deal,
+    capture: bool = False,
+) -> tuple[torch.Tensor, list[torch.Tensor | None] | None]:
+    """`answer` on this rank's batches; one process calls it exactly as before (stand-ins for it, in
+    tests, take no deal)."""
+    if deal.ranks is None:
+        return answer(loaded, layer, seqs, cands, batch_size, capture=capture)
+    return answer(loaded, layer, seqs, cands, batch_size, capture=capture, deal=deal)
+
+
 def _fits(seqs: Sequence[Sequence[int]], d_model: int) -> bool:
     return sum(len(s) for s in seqs) * d_model * 4 <= MAX_CACHED_BYTES
+
+
+def _on_every_rank(ok: bool, ranks: Ranks | None) -> bool:
+    """`ok` on every rank (one process: `ok`), so that all ranks take the same path."""
+    if ranks is None:
+        return ok
+    failed = all_reduce_max_(torch.tensor([0 if ok else 1]), ranks, "agreeing on the unlearning shortcut")
+    return not bool(failed.item())
 
 
 @dataclass
 class Corpus:
     ids: torch.Tensor  # (rows, seq_len)
     counted: torch.Tensor  # (rows, seq_len) bool: not BOS/EOS/pad
-    acts: torch.Tensor | None  # (rows, seq_len, d) block-L output when small enough to keep
+    acts: torch.Tensor | None  # (rows, seq_len, d) block-L output when small enough to keep (see ranks)
     seconds: float = 0.0
+    batch_size: int = 0  # the forward batch `acts` was run in (with `ranks`)
+    ranks: Ranks | None = None  # under torchrun: each rank runs its batches (`acts` holds only those)
 
 
-def prepare_corpus(loaded: LoadedModel, layer: int, cfg: Config, path: Path, seed: int) -> Corpus:
+def own_starts(n_rows: int, batch_size: int, ranks: Ranks | None) -> list[int]:
+    """The first row of each corpus batch this rank runs (batch j on rank j mod W)."""
+    return [s for j, s in enumerate(range(0, n_rows, batch_size)) if owns(j, ranks)]
+
+
+def prepare_corpus(
+    loaded: LoadedModel, layer: int, cfg: Config, path: Path, seed: int, ranks: Ranks | None = None
+) -> Corpus:
+    """The packed corpus, and block L's output on it when small enough to keep (with `ranks`: on this
+    rank's batches only; the firing counts are summed over ranks, so the rows never travel)."""
     start = time.perf_counter()
     texts = [str(r["text"]) for r in read_jsonl(path)]
     assert cfg.dataset_size is not None and cfg.seq_len is not None
     ids, counted = pack_corpus(loaded.tokenizer, texts, cfg.dataset_size, cfg.seq_len, seed)
     if len(ids) == 0:
         raise UserError(f"{path} holds fewer than {cfg.seq_len} tokens of text: lower unlearning.seq_len")
+    check_same_inputs(ids.tolist(), ranks, f"unlearning corpus {path.name}")
     acts = None
-    if ids.numel() * loaded.d_model * 4 <= MAX_CACHED_BYTES:
-        acts = torch.cat([a for a, _ in _corpus_batches(loaded, layer, ids, counted, cfg.llm_batch_size)])
-    return Corpus(ids, counted, acts, time.perf_counter() - start)
+    bs = cfg.llm_batch_size
+    if ids.numel() * loaded.d_model * 4 <= MAX_CACHED_BYTES:  # one process's rule, so every rank agrees
+        parts = [a for a, _ in _corpus_batches(loaded, layer, ids, counted, bs, ranks)]
+        acts = torch.cat(parts) if parts else torch.zeros(0, ids.shape[1], loaded.d_model)
+    return Corpus(ids, counted, acts, time.perf_counter() - start, bs, ranks)
 
 
 def _corpus_batches(
-    loaded: LoadedModel, layer: int, ids: torch.Tensor, counted: torch.Tensor, batch_size: int
+    loaded: LoadedModel,
+    layer: int,
+    ids: torch.Tensor,
+    counted: torch.Tensor,
+    batch_size: int,
+    ranks: Ranks | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    device = next(loaded.model.parameters()).device
-    for start in range(0, len(ids), batch_size):
+    device = input_device(loaded.model)
+    for start in own_starts(len(ids), batch_size, ranks):
         rows = ids[start : start + batch_size]
         yield (
             resid_post(loaded.model, rows.to(device), layer).float().cpu(),
             counted[start : start + batch_size],
         )
+
+
+def _kept_batches(corpus: Corpus, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The kept activations in `batch_size` rows with their counted masks: every row in one process;
+    under torchrun `acts` holds this rank's corpus batches only, end to end, so its chunks are those
+    batches (the same rows one process encodes at once)."""
+    assert corpus.acts is not None
+    if corpus.ranks is None:
+        counted = corpus.counted
+    else:
+        assert batch_size == corpus.batch_size, "encode in the batches the corpus was split in"
+        starts = own_starts(len(corpus.ids), batch_size, corpus.ranks)
+        counted = torch.cat([corpus.counted[s : s + batch_size] for s in starts] or [corpus.counted[:0]])
+    for s in range(0, len(corpus.acts), batch_size):
+        yield corpus.acts[s : s + batch_size], counted[s : s + batch_size]
 
 
 # ---------------------------------------------------------------- SAE-dependent parts
@@ -407,41 +492,60 @@ def _corpus_batches(
 def firing_frequency(
     loaded: LoadedModel, layer: int, sae: Any, corpus: Corpus, batch_size: int
 ) -> torch.Tensor:
-    """Fraction of counted corpus tokens on which each latent is > 0, (d_sae,)."""
-    counts = torch.zeros(sae.W_dec.shape[0], dtype=torch.float64)
-    total = 0
+    """Fraction of counted corpus tokens on which each latent is > 0, (d_sae,). Under torchrun (the
+    corpus's `ranks`) each rank counts on its own batches and the counts are summed (integers in float64:
+    exact)."""
+    ranks = corpus.ranks
+    counts = torch.zeros(sae.W_dec.shape[0] + 1, dtype=torch.float64)  # the last: tokens counted
     if corpus.acts is not None:
-        batches: Iterator[tuple[torch.Tensor, torch.Tensor]] = (
-            (corpus.acts[s : s + batch_size], corpus.counted[s : s + batch_size])
-            for s in range(0, len(corpus.ids), batch_size)
-        )
+        batches = _kept_batches(corpus, batch_size)
     else:
-        batches = _corpus_batches(loaded, layer, corpus.ids, corpus.counted, batch_size)
+        batches = _corpus_batches(loaded, layer, corpus.ids, corpus.counted, batch_size, ranks)
     device = sae.W_dec.device
     for acts, keep in batches:
         z = sae.encode(acts[keep].to(device, sae.W_dec.dtype))
-        counts += (z > 0).sum(dim=0).double().cpu()
-        total += int(keep.sum())
-    return (counts / max(total, 1)).float()
+        counts[:-1] += (z > 0).sum(dim=0).double().cpu()
+        counts[-1] += int(keep.sum())
+    sum_rows_(counts, ranks, "summing unlearning firing counts")
+    return (counts[:-1] / max(int(counts[-1]), 1)).float()
 
 
 @torch.no_grad()
 def active_latents(
-    loaded: LoadedModel, layer: int, sae: Any, qs: QuestionSet, batch_size: int
+    loaded: LoadedModel, layer: int, sae: Any, qs: QuestionSet, batch_size: int, ranks: Ranks | None = None
 ) -> torch.Tensor:
-    """(n, d_sae) bool: does each latent fire on any position after the first of each kept prompt."""
-    out = torch.zeros(len(qs.seqs), sae.W_dec.shape[0], dtype=torch.bool)
+    """(n, d_sae) bool: does each latent fire on any position after the first of each kept prompt. With
+    `ranks`, each rank encodes its share (question i on rank i mod W from the kept outputs, else its forward
+    batches) and the rows are summed over ranks."""
+    out = torch.zeros(len(qs.seqs), sae.W_dec.shape[0], dtype=torch.uint8)  # summed as 0/1, then bool
     device = sae.W_dec.device
     if qs.hidden is not None:
         for i, h in enumerate(qs.hidden):
-            out[i] = (sae.encode(h[1:].to(device, sae.W_dec.dtype)) > 0).any(dim=0).cpu()
-        return out
-    for idx, acts, mask in forward_batches(loaded, layer, qs.seqs, batch_size):
-        keep = mask.clone()
-        keep[:, 0] = False
-        for row, i in enumerate(idx):
-            out[i] = (sae.encode(acts[row][keep[row]].to(device, sae.W_dec.dtype)) > 0).any(dim=0).cpu()
-    return out
+            if owns(i, ranks):
+                out[i] = (sae.encode(h[1:].to(device, sae.W_dec.dtype)) > 0).any(dim=0).cpu()
+    else:
+        for idx, acts, mask in forward_batches(loaded, layer, qs.seqs, batch_size, ranks=ranks):
+            keep = mask.clone()
+            keep[:, 0] = False
+            for row, i in enumerate(idx):
+                z = sae.encode(acts[row][keep[row]].to(device, sae.W_dec.dtype))
+                out[i] = (z > 0).any(dim=0).cpu()
+    return sum_rows_(out, ranks, "gathering the latents active on unlearning questions").bool()
+
+
+def _edited_answers(
+    loaded: LoadedModel,
+    layer: int,
+    qs: QuestionSet,
+    batch: list[int],
+    batch_size: int,
+    edit: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """The answers to the questions `batch` (one forward batch) under `edit`."""
+    cands = [qs.cands[i] for i in batch]
+    if qs.upper_ok and qs.hidden is not None:
+        return answer_from_hidden(loaded, layer, [qs.hidden[i] for i in batch], cands, batch_size, edit)
+    return answer(loaded, layer, [qs.seqs[i] for i in batch], cands, batch_size, edit=edit)[0]
 
 
 def _wrong_answers(
@@ -452,27 +556,35 @@ def _wrong_answers(
     batch_size: int,
     edit: Callable[[torch.Tensor], torch.Tensor],
     stop: Callable[[torch.Tensor], bool] | None = None,
+    deal: Deal | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(wrong (n,) bool, known (n,) bool, questions run) under `edit` for the questions `todo`: the others
     keep their baseline answer, which is right. `stop(wrong so far)` is asked after each batch; once it
-    says yes, the questions not yet run are left unknown (and counted right in `wrong`)."""
+    says yes, the questions not yet run are left unknown (and counted right in `wrong`).
+
+    With `deal`, the batches run in rounds of one per rank; each round's answers are summed over ranks,
+    then taken batch by batch, with `stop` asked after each as in one process (so a round's batches after
+    the stop are discarded and every rank returns one process's result)."""
+    deal = deal if deal is not None else Deal()
     wrong = torch.zeros(len(qs.seqs), dtype=torch.bool)
     known = torch.ones(len(qs.seqs), dtype=torch.bool)
     known[todo] = False
     order = sorted(todo, key=lambda i: len(qs.seqs[i]))
+    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
     run = 0
-    for start in range(0, len(order), batch_size):
-        batch = order[start : start + batch_size]
-        cands = [qs.cands[i] for i in batch]
-        if qs.upper_ok and qs.hidden is not None:
-            preds = answer_from_hidden(loaded, layer, [qs.hidden[i] for i in batch], cands, batch_size, edit)
-        else:
-            preds, _ = answer(loaded, layer, [qs.seqs[i] for i in batch], cands, batch_size, edit=edit)
-        wrong[batch] = preds != qs.answers[batch]
-        known[batch] = True
-        run += len(batch)
-        if stop is not None and run < len(order) and stop(wrong):
-            break
+    for first in range(0, len(batches), deal.width):
+        rnd = batches[first : first + deal.width]
+        preds = torch.zeros(len(qs.seqs), dtype=torch.long)
+        for batch in rnd:
+            if deal.take():
+                preds[batch] = _edited_answers(loaded, layer, qs, batch, batch_size, edit)
+        sum_rows_(preds, deal.ranks, "gathering the unlearning answers")
+        for batch in rnd:
+            wrong[batch] = preds[batch] != qs.answers[batch]
+            known[batch] = True
+            run += len(batch)
+            if stop is not None and run < len(order) and stop(wrong):
+                return wrong, known, run
     return wrong, known, run
 
 
@@ -539,15 +651,20 @@ def evaluate(ctx: EvalContext, cfg: Config) -> dict[str, Any]:
         )
         sets[name] = memo(
             key,
-            lambda path=path, name=name: prepare_questions(loaded, layer, cfg, path, subjects[name], name),
+            lambda path=path, name=name: prepare_questions(
+                loaded, layer, cfg, path, subjects[name], name, ctx.ranks
+            ),
         )
     for name in ("forget", "retain"):
         path = paths[f"{name}_corpus"]
         key = ("corpus", _fingerprint(path), cfg.dataset_size, cfg.seq_len, cfg.llm_batch_size)
-        corpora[name] = memo(key, lambda path=path: prepare_corpus(loaded, layer, cfg, path, ctx.seed))
+        corpora[name] = memo(
+            key, lambda path=path: prepare_corpus(loaded, layer, cfg, path, ctx.seed, ctx.ranks)
+        )
 
-    freq = {n: firing_frequency(loaded, layer, sae, corpora[n], cfg.llm_batch_size) for n in corpora}
-    active = {n: active_latents(loaded, layer, sae, sets[n], cfg.llm_batch_size) for n in sets}
+    bs, ranks = cfg.llm_batch_size, ctx.ranks
+    freq = {n: firing_frequency(loaded, layer, sae, corpora[n], bs) for n in corpora}
+    active = {n: active_latents(loaded, layer, sae, sets[n], bs, ranks) for n in sets}
     forget, retain = sets["forget"], sets["retain"]
     nf, nr = len(forget.seqs), len(retain.seqs)
     gate = cfg.retain_accuracy_min
@@ -560,6 +677,7 @@ def evaluate(ctx: EvalContext, cfg: Config) -> dict[str, Any]:
     tables_r: list[torch.Tensor] = []
     done: dict[tuple[tuple[int, ...], float], tuple[dict[str, Any], torch.Tensor, torch.Tensor]] = {}
     runnable = nf > 0 and nr > 0
+    deal = Deal(ranks)  # the grid's batches, dealt in turn: most interventions run only a batch or two
     for t, n, m in tqdm(grid, disable=not ctx.progress or not runnable, desc="unlearning", leave=False):
         feats = select_features(freq["forget"], freq["retain"], t, n)
         row: dict[str, Any] = {"retain_threshold": t, "n_features": n, "multiplier": m, "features": feats}
@@ -589,6 +707,7 @@ def evaluate(ctx: EvalContext, cfg: Config) -> dict[str, Any]:
             cfg.llm_batch_size,
             edit,
             lambda wrong: gate_fails_everywhere(wrong, w_retain, gate),
+            deal,
         )
         stopped = not bool(r_known.all())
         r_acc = int((~r_wrong).sum()) / nr  # correct count / n, as SAEBench and the table route compute it
@@ -605,7 +724,7 @@ def evaluate(ctx: EvalContext, cfg: Config) -> dict[str, Any]:
             row.update(forget_accuracy=None, forget_rerun=0, forget_skipped="retain gate fails everywhere")
         else:
             f_todo = touched("forget")
-            f_wrong, f_known, f_run = _wrong_answers(loaded, layer, forget, f_todo, cfg.llm_batch_size, edit)
+            f_wrong, f_known, f_run = _wrong_answers(loaded, layer, forget, f_todo, bs, edit, deal=deal)
             row.update(
                 forget_accuracy=int((~f_wrong).sum()) / nf, forget_rerun=f_run, forget_touched=len(f_todo)
             )

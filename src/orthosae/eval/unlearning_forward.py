@@ -8,6 +8,10 @@ exact where the model feeds `inputs_embeds` straight into its first block (llama
 wrong where it scales or adds to it first (gemma's √d scaling, gpt2's position embeddings), so it is
 checked against the full forward before use (`upper_matches`), and the full forward with a hook that edits
 block L's output is used otherwise.
+
+Under torchrun `answer` runs only the batches a `Deal` gives this rank (eval.ranks) and sums the answers over
+ranks (each row filled by one rank, zeros elsewhere: exact); `gathered` puts the captured block outputs
+back the same way.
 """
 
 from __future__ import annotations
@@ -20,10 +24,13 @@ from contextlib import contextmanager
 import torch
 
 from orthosae.eval.prompt_acts import pad_id_of, pad_right
+from orthosae.eval.ranks import Deal, sum_rows_
 from orthosae.eval.splice import edit_block_output
 from orthosae.eval.unlearning_score import choose
 from orthosae.models.blocks import find_blocks
 from orthosae.models.loader import LoadedModel
+from orthosae.models.placement import input_device
+from orthosae.train.distributed import Ranks
 
 Edit = Callable[[torch.Tensor], torch.Tensor]  # block-L output (B, T, d) → edited
 
@@ -39,7 +46,7 @@ def _last_logits(model: torch.nn.Module, mask: torch.Tensor, **inputs: torch.Ten
     """Logits at each row's last real token, (B, V) float32 on CPU; only those rows go through the LM
     head where the model takes `logits_to_keep` positions (a 49k vocabulary costs as much as 7 blocks)."""
     last = mask.sum(dim=1) - 1
-    device = next(model.parameters()).device
+    device = input_device(model)
     kw: dict[str, object] = {}
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         kw["logits_to_keep"] = last.unsqueeze(1).to(device)
@@ -59,14 +66,19 @@ def answer(
     *,
     capture: bool = False,
     edit: Edit | None = None,
-) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    deal: Deal | None = None,
+) -> tuple[torch.Tensor, list[torch.Tensor | None] | None]:
     """Full forwards: each prompt's chosen answer (N,), and with `capture` block L's output per prompt
-    ((T_i, d) float32 on CPU). `edit` replaces block L's output on the way (the fallback path)."""
-    device = next(loaded.model.parameters()).device
+    ((T_i, d) float32 on CPU). `edit` replaces block L's output on the way (the fallback path). With
+    `deal`, this rank runs only the batches dealt to it: every rank gets every answer, but block L's
+    output only of its own prompts (None at the others': see `gathered`)."""
+    device = input_device(loaded.model)
     pad = pad_id_of(loaded.tokenizer)
     preds = torch.zeros(len(seqs), dtype=torch.long)
     hidden: list[torch.Tensor | None] = [None] * len(seqs)
     for idx in _batches([len(s) for s in seqs], batch_size):
+        if deal is not None and not deal.take():
+            continue
         ids, mask = pad_right([seqs[i] for i in idx], pad)
         seen: list[torch.Tensor] = []
 
@@ -81,7 +93,28 @@ def answer(
             h = seen[0].float().cpu()
             for row, i in enumerate(idx):
                 hidden[i] = h[row, : len(seqs[i])].clone()
-    return preds, ([h for h in hidden if h is not None] if capture else None)
+    if deal is not None:
+        sum_rows_(preds, deal.ranks, "gathering the unlearning answers")
+    return preds, (hidden if capture else None)
+
+
+def gathered(
+    hidden: Sequence[torch.Tensor | None], lengths: Sequence[int], d: int, ranks: Ranks | None
+) -> list[torch.Tensor]:
+    """Every prompt's block-L output (prompt i: `lengths[i]` tokens) on every rank, from each rank's own
+    (None at the others'): all at their rows of one flat (Σ T_i, d) tensor, zeros where another rank ran
+    the prompt, summed over ranks (x + 0 is exact). In one process, the outputs as they are."""
+    if ranks is None:
+        assert all(h is not None for h in hidden), "one process captures every prompt"
+        return [h for h in hidden if h is not None]
+    flat = torch.zeros(sum(lengths), d)
+    start = 0
+    for h, n in zip(hidden, lengths, strict=True):
+        if h is not None:
+            flat[start : start + n] = h
+        start += n
+    sum_rows_(flat, ranks, "gathering the unlearning prompts' block outputs")
+    return list(flat.split(list(lengths)))
 
 
 @contextmanager
@@ -107,7 +140,7 @@ def answer_from_hidden(
     edit: Edit | None = None,
 ) -> torch.Tensor:
     """Each prompt's chosen answer, (N,), running blocks layer+1.. from its (edited) block-L output."""
-    device = next(loaded.model.parameters()).device
+    device = input_device(loaded.model)
     dtype = next(loaded.model.parameters()).dtype
     preds = torch.zeros(len(hidden), dtype=torch.long)
     for idx in _batches([len(h) for h in hidden], batch_size):
@@ -138,7 +171,7 @@ def upper_matches(
     logits (max |Δ| ≤ tol × max |logit|)? Checked on a few prompts; returns (ok, relative max |Δ|)."""
     if not seqs:
         return False, float("nan")
-    device = next(loaded.model.parameters()).device
+    device = input_device(loaded.model)
     pad = pad_id_of(loaded.tokenizer)
     take = list(range(min(4, len(seqs))))
     ids, mask = pad_right([seqs[i] for i in take], pad)

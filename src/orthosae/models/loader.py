@@ -14,6 +14,7 @@ from torch import nn
 from orthosae.errors import UserError
 from orthosae.models import bundled
 from orthosae.models.blocks import find_blocks
+from orthosae.models.placement import DeviceMap, check_visible, parse_device_map
 
 _DTYPES = {
     "float32": torch.float32,
@@ -55,13 +56,26 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def load_model(name: str, *, dtype: torch.dtype | str = torch.float32, device: str = "cpu") -> LoadedModel:
-    """Load `name`: "smollm2-135m" (bundled, offline), a local HF model directory, or a hub id."""
+def load_model(
+    name: str,
+    *,
+    dtype: torch.dtype | str = torch.float32,
+    device: str = "cpu",
+    device_map: DeviceMap | None = None,
+) -> LoadedModel:
+    """Load `name`: "smollm2-135m" (bundled, offline), a local HF model directory, or a hub id.
+
+    `device_map` (see orthosae.models.placement) replaces `device`: transformers and accelerate place the
+    model's modules, spreading its blocks over the visible GPUs (and the CPU) for a model too large for one.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar is noise between our own bars
     torch_dtype = resolve_dtype(dtype)
+    device_map = parse_device_map(device_map)
+    if device_map is not None:
+        check_visible(device_map)
     if name.lower() in bundled.ALIASES:
         path, model_id, rev = bundled.converted_dir(), bundled.BUNDLED_NAME, bundled.revision()
         source: str = str(path)
@@ -75,7 +89,8 @@ def load_model(name: str, *, dtype: torch.dtype | str = torch.float32, device: s
     else:
         source, model_id, rev = name, name, ""
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+        placed = {} if device_map is None else {"device_map": device_map}
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **placed)
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as exc:
         if source is name:
@@ -85,7 +100,9 @@ def load_model(name: str, *, dtype: torch.dtype | str = torch.float32, device: s
                 f"({type(exc).__name__})"
             ) from None
         raise UserError(f"cannot load model from {source}: {str(exc).splitlines()[0]}") from None
-    model.to(device).eval()  # pyright: ignore[reportCallIssue, reportArgumentType]  (transformers' stubs)
+    if device_map is None:  # a dispatched model is already placed (accelerate refuses to move it)
+        model.to(device)  # pyright: ignore[reportCallIssue, reportArgumentType]  (transformers' stubs)
+    model.eval()
     model.requires_grad_(False)
     if not rev:
         rev = str(getattr(model.config, "_commit_hash", None) or "unknown")

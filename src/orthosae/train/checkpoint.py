@@ -55,6 +55,7 @@ RESUMABLE = frozenset(
         "checkpoint_every",
         "max_skipped_batches",
         "device",
+        "model_device_map",
         "dist_timeout",
         "cpu_allocator",
         "out",

@@ -30,6 +30,11 @@ class TrainConfig:
     model_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """When streaming: the dtype --model runs in (bfloat16 halves its memory and speeds it up on recent
     hardware); the SAE always receives float32 activations."""
+    model_device_map: str = "none"
+    """When streaming, one process only: spread --model over the visible GPUs (and CPU) with transformers'
+    device_map, for a model too large for one GPU: auto, balanced, balanced_low_0, sequential, one device
+    (cuda:1) or a JSON object of module → device ('{"model.layers": 0, "lm_head": 1}'); none runs it
+    whole on the CPU."""
     model_name: str | None = None
     """The language model --activations came from, recorded in cfg.json (SAELens's metadata) for files
     that do not record it (.npy/.safetensors arrays); a cache or --model records its own."""
@@ -180,6 +185,7 @@ class TrainConfig:
             )
         if self.model is not None and self.layer is None:
             raise UserError("--model needs --layer (the decoder block whose output to train on)")
+        self._validate_device_map()
         for name in ("d_sae", "k", "steps", "batch_size", "log_every", "context_size", "dead_tokens"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
@@ -206,6 +212,12 @@ class TrainConfig:
         if self.k_aux is not None and self.k_aux <= 0:
             raise UserError(f"--k-aux must be positive, got {self.k_aux}")
         assert self.orth_method in METHODS and self.orth_coactivation in COACTIVATIONS
+
+    def _validate_device_map(self) -> None:
+        from orthosae.models.placement import parse_device_map
+
+        if parse_device_map(self.model_device_map) is not None and self.model is None:
+            raise UserError("--model-device-map places the streaming --model: it needs --model, not a cache")
 
     def _validate_archs(self) -> None:
         """The architecture- and penalty-specific fields (matryoshka, jumprelu, ortsae)."""

@@ -98,6 +98,7 @@ def _cache_stream(
 
 def _live_stream(cfg: TrainConfig, state: dict[str, Any] | None, part: tuple[int, int]) -> ActivationStream:
     from orthosae.activations.source import stream_activations
+    from orthosae.models.placement import parse_device_map
     from orthosae.train import distributed
 
     assert cfg.model is not None and cfg.layer is not None
@@ -119,6 +120,7 @@ def _live_stream(cfg: TrainConfig, state: dict[str, Any] | None, part: tuple[int
             progress=False,
             state=_buffer_state(inner, cfg.model),
             model_dtype=cfg.model_dtype,
+            model_device_map=parse_device_map(cfg.model_device_map),
             ranks=distributed.current() if part[1] > 1 else None,
         )
     return _wrap(src, cfg, f"activations of {cfg.model} layer {cfg.layer}", "stream", {})
