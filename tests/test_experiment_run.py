@@ -10,7 +10,7 @@ import pytest
 from conftest_models import SAMPLE_TEXTS, save_tiny_model, write_jsonl
 from orthosae.eval.results import SECTION_KEYS
 from orthosae.experiment.config import load_experiment
-from orthosae.experiment.run import run_experiment
+from orthosae.experiment.run import EVAL_SECONDS, _step_seconds, estimate_seconds, run_experiment
 
 CORE = SECTION_KEYS["core"]
 
@@ -79,6 +79,23 @@ def test_rerun_reuses_and_adding_a_variant_trains_and_evaluates_only_it(tiny_stu
     assert "-- evaluating orth-1: core" in out and out.count("-- evaluating") == 1
     assert {n: _mtimes(run, n) for n in before} == before
     assert (run / "saes" / "orth-1" / "eval.json").exists()
+    # The estimate printed first counted only that work: core's LM side once plus one SAE's core.
+    shared, per_sae = EVAL_SECONDS["core"]
+    assert f"evals {(shared + per_sae) / 60:.1f}, " in out.splitlines()[0]
+
+
+def test_the_estimate_counts_only_the_work_left(tiny_study: Path):
+    exp = load_experiment(_write(tiny_study, '[saes."orth-1"]\north = true\north_lambda = 1.0\n'))
+    shared, per_sae = EVAL_SECONDS["core"]
+    full = estimate_seconds(exp, cache_ready=False)
+    assert full["evals"] == pytest.approx(shared + per_sae * 6)
+    assert full["train"] == pytest.approx(sum(_step_seconds(t) * t.steps for t in exp.saes.values()))
+    assert full["cache"] > 0
+    nothing = estimate_seconds(exp, True, [], {name: [] for name in exp.saes})
+    assert (nothing["cache"], nothing["train"], nothing["evals"]) == (0.0, 0.0, 0.0)
+    left = estimate_seconds(exp, True, ["orth-1"], {name: [] for name in exp.saes} | {"orth-1": ["core"]})
+    assert left["train"] == pytest.approx(_step_seconds(exp.saes["orth-1"]) * exp.saes["orth-1"].steps)
+    assert left["evals"] == pytest.approx(shared + per_sae)
 
 
 def test_changed_eval_settings_redo_that_eval(tiny_study: Path, capsys):

@@ -36,15 +36,28 @@ SYNTHETIC_SECONDS = 45.0
 REPORT_SECONDS = 60.0
 
 
-def estimate_seconds(exp: Experiment, cache_ready: bool) -> dict[str, float]:
+def estimate_seconds(
+    exp: Experiment,
+    cache_ready: bool,
+    to_train: list[str] | None = None,
+    to_evaluate: dict[str, list[str]] | None = None,
+) -> dict[str, float]:
+    """Seconds per phase. `to_train`: the SAEs still to train, `to_evaluate`: the evals each SAE still needs
+    (default: everything), so that a re-run's estimate counts only the work it will do."""
     c = exp.cfg
+    to_train = list(exp.saes) if to_train is None else to_train
+    if to_evaluate is None:
+        to_evaluate = {name: c.eval_names() for name in exp.saes}
     est = {"cache": 0.0 if cache_ready else c.tokens / HARVEST_TOKENS_PER_S}
-    est["train"] = sum(_step_seconds(t) * t.steps for t in exp.saes.values())
+    est["train"] = sum(_step_seconds(exp.saes[n]) * exp.saes[n].steps for n in to_train)
     first = next(iter(exp.saes.values()))
     est["speed"] = (c.speed_steps + 2) * _step_seconds(first) * 8 if c.speed_steps else 0.0
     est["synthetic"] = SYNTHETIC_SECONDS if c.synthetic else 0.0
-    costs = [EVAL_SECONDS.get(name, (0.0, 0.0)) for name in c.eval_names()]
-    est["evals"] = sum(shared + per_sae * len(exp.saes) for shared, per_sae in costs)
+    est["evals"] = 0.0
+    for name in c.eval_names():
+        shared, per_sae = EVAL_SECONDS.get(name, (0.0, 0.0))
+        n = sum(name in todo for todo in to_evaluate.values())
+        est["evals"] += shared + per_sae * n if n else 0.0  # the LM side runs once if any SAE needs it
     est["report"] = REPORT_SECONDS
     return est
 
@@ -65,7 +78,13 @@ def run_experiment(
     out = c.out_dir()
     out.mkdir(parents=True, exist_ok=True)
     cache_dir = c.cache_dir()
-    est = estimate_seconds(exp, (cache_dir / "manifest.json").exists())
+    to_train = [name for name, cfg in exp.saes.items() if overwrite or not _trained(cfg)]
+    configs = _eval_configs(exp) if evals else {}
+    to_evaluate = {
+        name: list(configs) if name in to_train else _eval_plan(exp, configs, cfg)[2]
+        for name, cfg in exp.saes.items()
+    }
+    est = estimate_seconds(exp, (cache_dir / "manifest.json").exists(), to_train, to_evaluate)
     print(
         f"experiment '{c.name}': {len(exp.saes)} SAEs ({', '.join(exp.saes)}) on {c.model} layer {c.layer}; "
         f"estimated {sum(est.values()) / 60:.0f} min ("
@@ -140,13 +159,12 @@ def _build_cache(exp: Experiment) -> None:
 
 def _train(exp: Experiment, overwrite: bool) -> None:
     """Train the SAEs that are not already trained with the same config (a re-run resumes cheaply)."""
-    from orthosae.config import load_toml
 
     todo: dict[str, TrainConfig] = {}
     for name, cfg in exp.saes.items():
         run = Path(cfg.out)
         if weights_file(run).exists() and not overwrite:
-            if load_toml(TrainConfig, run / "config.toml") != cfg:
+            if not _trained(cfg):
                 raise UserError(
                     f"{run} holds an SAE trained with other settings; pass --overwrite to retrain it"
                 )
@@ -155,6 +173,14 @@ def _train(exp: Experiment, overwrite: bool) -> None:
         todo[name] = TrainConfig(**{**to_dict(cfg), "overwrite": overwrite})
     if todo:
         train_many(todo, progress=exp.cfg.progress)
+
+
+def _trained(cfg: TrainConfig) -> bool:
+    """Is this SAE already trained, with exactly this config?"""
+    from orthosae.config import load_toml
+
+    run = Path(cfg.out)
+    return weights_file(run).exists() and load_toml(TrainConfig, run / "config.toml") == cfg
 
 
 def _speed(exp: Experiment) -> dict[str, Any]:
@@ -170,23 +196,19 @@ def _speed(exp: Experiment) -> dict[str, Any]:
 def _evaluate(exp: Experiment) -> None:
     """Evaluate every SAE, reusing each eval whose inputs (weights, settings, code) did not change."""
     from orthosae.eval.context import EvalContext
-    from orthosae.eval.runner import eval_config, run_evals, write_results
+    from orthosae.eval.runner import run_evals, write_results
     from orthosae.eval.saebench_files import write_saebench_files
     from orthosae.experiment import reuse
     from orthosae.models import load_model
 
     c = exp.cfg
     source = f"{exp.path or 'experiment'} [eval]"
-    configs = {name: eval_config(name, exp.eval_tables, source) for name in c.eval_names()}
+    configs = _eval_configs(exp)
     model = None  # loaded once, shared by every SAE's evaluations
     shared: dict[Any, Any] = {}  # and so are the SAE-independent parts of the evals (LM probes, acts)
     for sae_name, cfg in exp.saes.items():
         run_dir = Path(cfg.out)
-        fps = reuse.fingerprints(
-            configs, weights_file(run_dir), {"model": c.model, "layer": c.layer, "seed": c.seed}
-        )
-        kept = reuse.reusable(run_dir, fps)
-        todo = [n for n in configs if SECTION_KEYS[n] not in kept]
+        fps, kept, todo = _eval_plan(exp, configs, cfg)
         if not todo:
             print(f"{sae_name}: evaluations up to date, kept", flush=True)
             continue
@@ -200,6 +222,28 @@ def _evaluate(exp: Experiment) -> None:
         write_results(run_dir / "eval.json", results)
         write_saebench_files(results, run_dir / "eval_results", run_dir.resolve().name)
         reuse.record(run_dir, fps)
+
+
+def _eval_configs(exp: Experiment) -> dict[str, Any]:
+    from orthosae.eval.runner import eval_config
+
+    source = f"{exp.path or 'experiment'} [eval]"
+    return {name: eval_config(name, exp.eval_tables, source) for name in exp.cfg.eval_names()}
+
+
+def _eval_plan(
+    exp: Experiment, configs: dict[str, Any], cfg: TrainConfig
+) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+    """(fingerprints of this SAE's eval inputs, the eval sections still valid, the evals to run)."""
+    from orthosae.experiment import reuse
+
+    c = exp.cfg
+    run_dir = Path(cfg.out)
+    fps = reuse.fingerprints(
+        configs, weights_file(run_dir), {"model": c.model, "layer": c.layer, "seed": c.seed}
+    )
+    kept = reuse.reusable(run_dir, fps)
+    return fps, kept, [n for n in configs if SECTION_KEYS[n] not in kept]
 
 
 def _synthetic(exp: Experiment, out: Path) -> None:
