@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -33,6 +32,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from machine_info import cpu_name  # benchmarks/, the script's own folder
 
 HERE = Path(__file__).resolve().parent
 MODEL, LAYER, CONTEXT = "smollm2-135m", 15, 128
@@ -86,14 +87,7 @@ def _tail(log: Path, n: int = 40) -> str:
 def machine() -> str:
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     return f"{cpu}; {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} usable); torch {torch.__version__}"
 
 
