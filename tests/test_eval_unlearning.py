@@ -326,7 +326,7 @@ def test_ordering_filter_keeps_only_questions_right_in_every_order(tmp_path, mon
     real_answer = unlearning.answer
     asked: list[int] = []
 
-    def oracle(loaded_, layer, seqs, cands, bs, *, capture=False, edit=None):
+    def oracle(loaded_, layer, seqs, cands, bs, *, capture=False, edit=None, deal=None):  # one process
         # 'known' questions: the listed letter of the right choice; 'guess' ones: always A.
         preds = []
         for s in seqs:

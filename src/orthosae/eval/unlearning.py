@@ -314,7 +314,7 @@ def prepare_questions(
         check_same_inputs(seqs, ranks, f"unlearning {name} questions")
         ans = torch.tensor(answers, dtype=torch.long)
         capture = _fits(seqs, loaded.d_model)
-        preds, hidden = _answer(loaded, layer, seqs, cands, bs, deal, capture)
+        preds, hidden = answer(loaded, layer, seqs, cands, bs, capture=capture, deal=deal)
         correct = preds == ans
         keep = correct.nonzero().flatten().tolist()
         stats: dict[str, Any] = {
@@ -334,7 +334,7 @@ def prepare_questions(
         cands = [letters[:n] for n in n_choices]
         ans = torch.tensor([parsed[i][2] for i in used], dtype=torch.long)
         capture = _fits(seqs, loaded.d_model)
-        preds, hidden = _answer(loaded, layer, seqs, cands, bs, deal, capture)
+        preds, hidden = answer(loaded, layer, seqs, cands, bs, capture=capture, deal=deal)
         alive = preds == ans
         identity_correct = int(alive.sum())
         # Further orderings only for questions still alive: one wrong ordering rules a question out.
@@ -350,7 +350,7 @@ def prepare_questions(
                 permuted, target = permute(choices, answer_i, perms[n_choices[j]][r])
                 prompts.append(tokenize_prompt(tok, mcq_prompt(question, permuted, subj, wrap)))
                 targets.append(target)
-            got, _ = _answer(loaded, layer, prompts, [cands[j] for j in todo], bs, deal)
+            got, _ = answer(loaded, layer, prompts, [cands[j] for j in todo], bs, deal=deal)
             alive[todo] = got == torch.tensor(targets, dtype=torch.long)
         keep = alive.nonzero().flatten().tolist()
         first = parsed[used[0]] if used else None
@@ -388,22 +388,6 @@ def prepare_questions(
         stats,
         time.perf_counter() - start,
     )
-
-
-def _answer(
-    loaded: LoadedModel,
-    layer: int,
-    seqs: Sequence[Sequence[int]],
-    cands: Sequence[Sequence[Sequence[int]]],
-    batch_size: int,
-    deal: Deal,
-    capture: bool = False,
-) -> tuple[torch.Tensor, list[torch.Tensor | None] | None]:
-    """`answer` on this rank's batches; one process calls it exactly as before (stand-ins for it, in
-    tests, take no deal)."""
-    if deal.ranks is None:
-        return answer(loaded, layer, seqs, cands, batch_size, capture=capture)
-    return answer(loaded, layer, seqs, cands, batch_size, capture=capture, deal=deal)
 
 
 def _fits(seqs: Sequence[Sequence[int]], d_model: int) -> bool:
