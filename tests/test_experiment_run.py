@@ -110,3 +110,19 @@ def test_changed_eval_settings_redo_that_eval(tiny_study: Path, capsys):
         old["eval_cfg"]["n_eval_reconstruction_batches"],
         new["eval_cfg"]["n_eval_reconstruction_batches"],
     ) == (1, 2)
+
+
+def test_giving_a_variant_more_seeds_trains_only_the_new_ones(tiny_study: Path, capsys):
+    """orth-0.1 was trained alone (init_seed unset); with `seeds = 2` its first member is the same SAE."""
+    run = tiny_study / "run"
+    before = _mtimes(run, "orth-0.1")["sae_weights.safetensors"]
+    toml = _write(tiny_study, recon_batches=2)  # the eval settings the test before left
+    toml.write_text(toml.read_text().replace('[saes."orth-0.1"]\n', '[saes."orth-0.1"]\nseeds = 2\n'))
+    exp = load_experiment(toml)
+    assert (exp.saes["orth-0.1"].init_seed, exp.saes["orth-0.1-seed2"].init_seed) == (42, 43)
+    capsys.readouterr()
+    run_experiment(exp, report=False)
+    out = capsys.readouterr().out
+    assert "orth-0.1: already trained, kept" in out
+    assert "-- evaluating orth-0.1-seed2: core" in out and out.count("-- evaluating") == 1
+    assert _mtimes(run, "orth-0.1")["sae_weights.safetensors"] == before

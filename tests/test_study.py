@@ -208,6 +208,10 @@ def test_init_seed_changes_the_init_only(tmp_path: Path):
     c = build_sae(TrainConfig(**base, seed=1, init_seed=2), 8)
     assert all((p == q).all() for p, q in zip(a.parameters(), b.parameters(), strict=True))
     assert any((p != q).any() for p, q in zip(a.parameters(), c.parameters(), strict=True))
+    # So an unset init_seed trains like init_seed = seed, and nothing else is read loosely.
+    assert TrainConfig(**base, seed=1).trains_like(TrainConfig(**base, seed=1, init_seed=1))
+    assert not TrainConfig(**base, seed=1).trains_like(TrainConfig(**base, seed=1, init_seed=2))
+    assert not TrainConfig(**base, seed=1).trains_like(TrainConfig(**base, seed=2, init_seed=1))
 
 
 def test_eval_reuse_keeps_only_sections_whose_inputs_match(tmp_path: Path):

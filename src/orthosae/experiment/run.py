@@ -180,7 +180,7 @@ def _trained(cfg: TrainConfig) -> bool:
     from orthosae.config import load_toml
 
     run = Path(cfg.out)
-    return weights_file(run).exists() and load_toml(TrainConfig, run / "config.toml") == cfg
+    return weights_file(run).exists() and load_toml(TrainConfig, run / "config.toml").trains_like(cfg)
 
 
 def _speed(exp: Experiment) -> dict[str, Any]:

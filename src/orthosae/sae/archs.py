@@ -50,7 +50,7 @@ ARCHS: dict[str, Arch] = {
 
 def build_sae(cfg: TrainConfig, d_in: int) -> SAE:
     """A freshly initialised SAE of cfg.arch (initialisation seeded by --init-seed, else --seed)."""
-    gen = torch.Generator().manual_seed(cfg.seed if cfg.init_seed is None else cfg.init_seed)
+    gen = torch.Generator().manual_seed(cfg.resolved_init_seed())
     kw: dict[str, Any] = {"generator": gen, "device": cfg.device}
     if cfg.arch == "matryoshka":
         sizes = group_sizes(cfg.d_sae, parse_fractions(cfg.matryoshka_fractions))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from orthosae.errors import UserError
@@ -288,6 +288,16 @@ class TrainConfig:
 
     def resolved_ortsae_chunks(self) -> int:
         return self.ortsae_chunks if self.ortsae_chunks is not None else max(1, math.ceil(self.d_sae / 8192))
+
+    def resolved_init_seed(self) -> int:
+        return self.seed if self.init_seed is None else self.init_seed
+
+    def trains_like(self, other: TrainConfig) -> bool:
+        """Same settings, reading an unset init_seed as --seed: an SAE trained alone (init_seed unset) is
+        the first member of the same table with `seeds = N` (init_seed = seed)."""
+        return replace(self, init_seed=self.resolved_init_seed()) == replace(
+            other, init_seed=other.resolved_init_seed()
+        )
 
     def resolved_warmup(self) -> int:
         return self.warmup_steps if self.warmup_steps is not None else min(1000, self.steps // 10)
