@@ -12,6 +12,7 @@ from orthosae.sae.kernels import (
     decode_pairwise,
     encoder_pre_acts,
     gather_pre_acts,
+    grouped_decode,
     scatter_rows,
     sparse_decode,
     use_dense_backward,
@@ -212,3 +213,49 @@ def test_sparse_decode_gradient_to_one_input_only():
     assert torch.allclose(gw, _literal_scatter_rows(idx, acts, torch.ones(4, 5), 9), atol=1e-6)
     (ga,) = torch.autograd.grad(sparse_decode(acts.requires_grad_(), idx, W.detach()).sum(), acts)
     assert torch.allclose(ga, W.detach()[idx].sum(-1), atol=1e-5)
+
+
+def _literal_grouped_decode(acts, idx, W, bounds):
+    """Loop over every entry: slice g of the result adds acts·W[idx] of the entries in group g."""
+    ends = [*bounds, W.shape[0]]
+    out = torch.zeros(len(ends), idx.shape[0], W.shape[1], dtype=W.dtype)
+    for b in range(idx.shape[0]):
+        for p in range(idx.shape[1]):
+            g = next(i for i, end in enumerate(ends) if int(idx[b, p]) < end)
+            out[g, b] = out[g, b] + acts[b, p] * W[idx[b, p]]
+    return out
+
+
+@pytest.mark.parametrize(
+    ("m", "bounds"),
+    [(4, [2, 5, 8]), (1, [3]), (3, []), (5, [0, 6])],  # several groups, k=1, one group, an empty group
+)
+def test_grouped_decode_matches_literal_loop_values_and_gradients(m: int, bounds: list[int]):
+    gen = torch.Generator().manual_seed(m)
+    n, batch, d = 12, 5, 4
+    idx = torch.randint(0, n, (batch, m), generator=gen)
+    acts = torch.rand(batch, m, generator=gen, dtype=torch.float64)
+    if m > 1:
+        idx[1, 1], acts[1, 1] = idx[1, 0], 0.0  # a padded code repeats an index with a zero value
+    acts.requires_grad_()
+    W = torch.randn(n, d, generator=gen, dtype=torch.float64).requires_grad_()
+    y = grouped_decode(acts, idx, W, bounds)
+    y_ref = _literal_grouped_decode(acts, idx, W, bounds)
+    assert y.shape == (len(bounds) + 1, batch, d) and torch.allclose(y, y_ref)
+    if m == 5:
+        assert not y[0].any()  # no latent below 0: the first group is empty
+    g = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+    got = torch.autograd.grad((y * g).sum(), (acts, W))
+    ref = torch.autograd.grad((y_ref * g).sum(), (acts, W))
+    for a, b in zip(got, ref, strict=True):
+        assert torch.allclose(a, b)
+    assert torch.autograd.gradcheck(lambda a, w: grouped_decode(a, idx, w, bounds), (acts, W))
+
+
+def test_grouped_decode_sums_to_the_plain_decode_and_takes_no_codes():
+    gen = torch.Generator().manual_seed(5)
+    idx = torch.randint(0, 16, (6, 3), generator=gen)
+    acts, W = torch.rand(6, 3, generator=gen), torch.randn(16, 4, generator=gen)
+    assert torch.allclose(grouped_decode(acts, idx, W, [4, 8]).sum(0), sparse_decode(acts, idx, W), atol=1e-6)
+    empty = grouped_decode(torch.zeros(6, 0), torch.zeros(6, 0, dtype=torch.long), W, [4])
+    assert empty.shape == (2, 6, 4) and not empty.any()

@@ -113,13 +113,24 @@ def scatter_rows(indices: torch.Tensor, weights: torch.Tensor, rows: torch.Tenso
     than embedding_bag's backward at training shapes on the 2-core CPU. Other devices use that backward."""
     if rows.device.type != "cpu":
         return _index_add_rows(indices, weights, rows, n)
-    batch, m = indices.shape
-    flat = indices.reshape(-1)
-    order = flat.argsort(stable=True)  # group the entries by latent, tokens ascending within each
+    m = indices.shape[1]
+    return _scatter_csr(indices.reshape(-1), weights.reshape(-1), None, rows, n, m)
+
+
+def _scatter_csr(
+    flat: torch.Tensor,
+    weights: torch.Tensor,
+    row_of: torch.Tensor | None,
+    rows: torch.Tensor,
+    n: int,
+    m: int = 1,
+) -> torch.Tensor:
+    """out[flat[e]] += weights[e] · rows[row_of[e]] (row_of defaults to e // m) as one CSR product."""
+    order = flat.argsort(stable=True)  # group the entries by latent, rows ascending within each
     crow = torch.zeros(n + 1, dtype=torch.long)
     torch.cumsum(torch.bincount(flat, minlength=n), 0, out=crow[1:])
-    values = weights.reshape(-1)[order].to(rows.dtype)
-    return _csr(crow, order // m, values, (n, batch)) @ rows
+    cols = order // m if row_of is None else row_of[order]
+    return _csr(crow, cols, weights[order].to(rows.dtype), (n, rows.shape[0])) @ rows
 
 
 def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -160,6 +171,59 @@ def sparse_decode(acts: torch.Tensor, indices: torch.Tensor, W: torch.Tensor) ->
     if W.device.type != "cpu" or indices.shape[1] == 0:
         return F.embedding_bag(indices, W, per_sample_weights=acts, mode="sum")
     return _SparseDecode.apply(acts, indices, W)
+
+
+class _BagDecode(torch.autograd.Function):
+    """embedding_bag over bags given by `offsets` (entries sorted by bag; `bag_of` names each entry's bag),
+    with _SparseDecode's CPU backward: grad W as one CSR product, grad values as a sampled product."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        values: torch.Tensor,
+        ids: torch.Tensor,
+        W: torch.Tensor,
+        bag_of: torch.Tensor,
+        offsets: torch.Tensor,
+    ) -> torch.Tensor:
+        ctx.save_for_backward(values, ids, W, bag_of, offsets)
+        return F.embedding_bag(ids, W, offsets, per_sample_weights=values, mode="sum")
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        values, ids, W, bag_of, offsets = ctx.saved_tensors
+        need_values, _, need_w, _, _ = ctx.needs_input_grad
+        grad_values = grad_w = None
+        if need_values:
+            crow = torch.cat([offsets, offsets.new_tensor([ids.numel()])])
+            pattern = _csr(crow, ids, values.new_zeros(ids.numel()), (grad.shape[0], W.shape[0]))
+            grad_values = torch.sparse.sampled_addmm(pattern, grad.contiguous(), W.T, beta=0.0).values()
+        if need_w:
+            grad_w = _scatter_csr(ids, values, bag_of, grad, W.shape[0])
+        return grad_values, None, grad_w, None, None
+
+
+def grouped_decode(
+    acts: torch.Tensor, indices: torch.Tensor, W: torch.Tensor, bounds: list[int]
+) -> torch.Tensor:
+    """(G, B, d): slice g is Σ_p acts[b, p] · W[indices[b, p]] over the entries whose latent lies in group g,
+    the latents [bounds[g-1], bounds[g]) (bounds: the G-1 inner group ends, ascending). One bag per (group,
+    token), so the G partial decodes cost one decode in all, not G (Matryoshka's nested prefixes)."""
+    batch = indices.shape[0]
+    n_groups = len(bounds) + 1
+    group = torch.bucketize(
+        indices, torch.tensor(bounds, dtype=indices.dtype, device=indices.device), right=True
+    )
+    bag = (group * batch + torch.arange(batch, device=indices.device).unsqueeze(1)).reshape(-1)
+    order = bag.argsort(stable=True)
+    offsets = torch.zeros(n_groups * batch, dtype=torch.long, device=indices.device)
+    offsets[1:] = torch.bincount(bag, minlength=n_groups * batch).cumsum(0)[:-1]
+    values, ids, bag = acts.reshape(-1)[order], indices.reshape(-1)[order], bag[order]
+    if W.device.type != "cpu" or ids.numel() == 0:
+        out = F.embedding_bag(ids, W, offsets, per_sample_weights=values, mode="sum")
+    else:
+        out = _BagDecode.apply(values, ids, W, bag, offsets)
+    return out.view(n_groups, batch, W.shape[1])
 
 
 def _index_add_rows(indices: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:

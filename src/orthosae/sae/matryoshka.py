@@ -5,6 +5,7 @@ weight_g · ‖x − x̂_{≤g}‖². Selection, AuxK, threshold and firing are 
 
 from __future__ import annotations
 
+import itertools
 import math
 from fractions import Fraction
 from typing import Any
@@ -64,16 +65,14 @@ def prefix_losses(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(weight_g · mean_b ‖x_b − x̂_{b,≤g}‖² per group (G,), the full reconstruction x̂ (B, d)).
 
-    x̂_{≤g} = b_dec + the decode of the latents below group g's end: one sparse decode per group over the
-    same (B, m) codes, each keeping only its group's entries."""
+    x̂_{≤g} = b_dec + the decodes of groups 1..g, all G of them from one bagged decode of the (B, m) codes."""
+    bounds = list(itertools.accumulate(sizes[:-1]))
     x_hat = b_dec.expand_as(x)
-    losses, lo = [], 0
-    for size, weight in zip(sizes, weights, strict=True):
-        hi = lo + size
-        inside = ((idx >= lo) & (idx < hi)).to(acts.dtype)
-        x_hat = x_hat + kernels.sparse_decode(acts * inside, idx, W_dec)
+    losses = []
+    # unbind, not indexing: its backward stacks the G gradients instead of G zero-filled (G, B, d) buffers.
+    for part, weight in zip(kernels.grouped_decode(acts, idx, W_dec, bounds).unbind(0), weights, strict=True):
+        x_hat = x_hat + part
         losses.append((x - x_hat).pow(2).sum(dim=-1).mean() * weight)
-        lo = hi
     return torch.stack(losses), x_hat
 
 
