@@ -126,3 +126,26 @@ def test_giving_a_variant_more_seeds_trains_only_the_new_ones(tiny_study: Path, 
     assert "orth-0.1: already trained, kept" in out
     assert "-- evaluating orth-0.1-seed2: core" in out and out.count("-- evaluating") == 1
     assert _mtimes(run, "orth-0.1")["sae_weights.safetensors"] == before
+
+
+def test_a_stored_lm_side_leaves_the_estimate(tiny_study: Path):
+    from orthosae.eval import absorption
+    from orthosae.eval.context import store_file
+    from orthosae.experiment.run import _stored, lm_store
+
+    exp = load_experiment(_write(tiny_study), overrides={"evals": "core,absorption"})
+    configs = {"absorption": absorption.Config()}
+    todo = {name: ["absorption"] for name in exp.saes}
+    shared, per_sae = EVAL_SECONDS["absorption"]
+    assert _stored(exp, configs) == set()
+    c = exp.cfg
+    path = store_file(lm_store(c), absorption.lm_key(configs["absorption"]), c.model, c.layer, c.seed, "cpu")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+    try:
+        assert _stored(exp, configs) == {"absorption"}
+        cold = estimate_seconds(exp, True, [], todo)["evals"]
+        warm = estimate_seconds(exp, True, [], todo, _stored(exp, configs))["evals"]
+        assert (cold - warm, warm) == (pytest.approx(shared), pytest.approx(per_sae * len(exp.saes)))
+    finally:
+        path.unlink()

@@ -4,13 +4,13 @@ whose inputs changed: the SAE's weights, the eval's settings, the model/layer/se
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 from orthosae.atomic import write_json
+from orthosae.eval.context import eval_code_sha
 from orthosae.eval.results import SECTION_KEYS
 
 INPUTS_NAME = "eval.inputs.json"  # next to eval.json: {eval name: fingerprint}
@@ -26,13 +26,6 @@ def file_sha(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()[:16]
-
-
-@functools.cache
-def eval_code_sha() -> str:
-    """The eval package's source: a changed formula invalidates results computed with the old one."""
-    root = Path(__file__).resolve().parents[1] / "eval"
-    return _sha(b"".join(p.read_bytes() for p in sorted(root.glob("*.py"))))
 
 
 def fingerprints(config_by_eval: dict[str, Any], weights: Path, context: dict[str, Any]) -> dict[str, str]:

@@ -11,7 +11,7 @@ from orthosae.atomic import write_json, write_text
 from orthosae.config import to_dict
 from orthosae.errors import UserError
 from orthosae.eval.results import SECTION_KEYS
-from orthosae.experiment.config import Experiment
+from orthosae.experiment.config import Experiment, ExperimentConfig
 from orthosae.experiment.multi import train_many
 from orthosae.experiment.speed import format_speed, measure_speed
 from orthosae.sae.io import weights_file
@@ -41,9 +41,11 @@ def estimate_seconds(
     cache_ready: bool,
     to_train: list[str] | None = None,
     to_evaluate: dict[str, list[str]] | None = None,
+    stored: frozenset[str] | set[str] = frozenset(),
 ) -> dict[str, float]:
     """Seconds per phase. `to_train`: the SAEs still to train, `to_evaluate`: the evals each SAE still needs
-    (default: everything), so that a re-run's estimate counts only the work it will do."""
+    (default: everything), `stored`: the evals whose LM side is already on disk, so that a re-run's
+    estimate counts only the work it will do."""
     c = exp.cfg
     to_train = list(exp.saes) if to_train is None else to_train
     if to_evaluate is None:
@@ -56,6 +58,7 @@ def estimate_seconds(
     est["evals"] = 0.0
     for name in c.eval_names():
         shared, per_sae = EVAL_SECONDS.get(name, (0.0, 0.0))
+        shared = 0.0 if name in stored else shared
         n = sum(name in todo for todo in to_evaluate.values())
         est["evals"] += shared + per_sae * n if n else 0.0  # the LM side runs once if any SAE needs it
     est["report"] = REPORT_SECONDS
@@ -84,7 +87,9 @@ def run_experiment(
         name: list(configs) if name in to_train else _eval_plan(exp, configs, cfg)[2]
         for name, cfg in exp.saes.items()
     }
-    est = estimate_seconds(exp, (cache_dir / "manifest.json").exists(), to_train, to_evaluate)
+    est = estimate_seconds(
+        exp, (cache_dir / "manifest.json").exists(), to_train, to_evaluate, _stored(exp, configs)
+    )
     print(
         f"experiment '{c.name}': {len(exp.saes)} SAEs ({', '.join(exp.saes)}) on {c.model} layer {c.layer}; "
         f"estimated {sum(est.values()) / 60:.0f} min ("
@@ -215,13 +220,39 @@ def _evaluate(exp: Experiment) -> None:
         print(f"-- evaluating {sae_name}: {', '.join(todo)}" + (f" (kept {len(kept)})" if kept else ""))
         model = model or load_model(c.model, device=cfg.device)
         ctx = EvalContext.from_run(
-            cfg.out, device=cfg.device, seed=c.seed, progress=c.progress, model=model, shared=shared
+            cfg.out,
+            device=cfg.device,
+            seed=c.seed,
+            progress=c.progress,
+            model=model,
+            shared=shared,
+            store=lm_store(c),
         )
         fresh = run_evals(ctx, todo, exp.eval_tables, source=source)
         results = {SECTION_KEYS[n]: (kept | fresh)[SECTION_KEYS[n]] for n in configs}
         write_results(run_dir / "eval.json", results)
         write_saebench_files(results, run_dir / "eval_results", run_dir.resolve().name)
         reuse.record(run_dir, fps)
+
+
+def lm_store(c: ExperimentConfig) -> Path:
+    """Where evaluations keep their costly SAE-independent work (absorption's LM side) for later runs: beside
+    the activation caches, shared by every experiment on the same model, layer and seed."""
+    return c.cache_dir().parent / "eval-lm"
+
+
+def _stored(exp: Experiment, configs: dict[str, Any]) -> set[str]:
+    """The evals whose SAE-independent LM side a previous run left in `lm_store`."""
+    from orthosae.eval import absorption
+    from orthosae.eval.context import store_file
+
+    c, device = exp.cfg, next(iter(exp.saes.values())).device
+    keys = {"absorption": absorption.lm_key} if "absorption" in configs else {}
+    return {
+        name
+        for name, key in keys.items()
+        if store_file(lm_store(c), key(configs[name]), c.model, c.layer, c.seed, device).exists()
+    }
 
 
 def _eval_configs(exp: Experiment) -> dict[str, Any]:
