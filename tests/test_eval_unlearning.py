@@ -30,6 +30,7 @@ from orthosae.eval.unlearning_prompts import (
     mcq_prompt,
     pack_corpus,
 )
+from orthosae.models.blocks import find_blocks
 from orthosae.models.loader import LoadedModel
 from orthosae.sae.relu import ReLUSAE
 from orthosae.sae.topk import TopKSAE
@@ -159,7 +160,9 @@ def test_pack_corpus_joins_with_eos_and_counts_no_special_tokens():
 # ---------------------------------------------------------------- the upper-blocks shortcut
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])
+@pytest.mark.parametrize(
+    "family", ["llama", "qwen2", "gemma2", "gpt2"]
+)  # gemma scales, gpt2 adds to the input
 def test_upper_blocks_from_the_cached_output_equal_the_hooked_full_forward(family):
     tok = byte_tokenizer()
     loaded = LoadedModel(tiny_model(family, n_layers=3), tok, "tiny", "r", 3, 32, family)
@@ -170,27 +173,34 @@ def test_upper_blocks_from_the_cached_output_equal_the_hooked_full_forward(famil
     base, hidden = answer(loaded, 1, seqs, cands, 5, capture=True)
     assert hidden is not None and [len(h) for h in hidden] == [len(s) for s in seqs]
     assert upper_matches(loaded, 1, seqs, hidden)[0]
-    assert torch.equal(answer_from_hidden(loaded, 1, hidden, cands, 5), base)
+    assert torch.equal(answer_from_hidden(loaded, 1, seqs, hidden, cands, 5), base)
     changed = 0
     for feats, m in (([0, 1, 2], 25.0), (list(range(20)), 200.0)):
 
         def edit(h: torch.Tensor, feats: list[int] = feats, m: float = m) -> torch.Tensor:
             return edited_residual(h, sae, feats, m)
 
-        upper = answer_from_hidden(loaded, 1, hidden, cands, 5, edit)
+        upper = answer_from_hidden(loaded, 1, seqs, hidden, cands, 5, edit)
         full, _ = answer(loaded, 1, seqs, cands, 5, edit=edit)
         assert torch.equal(upper, full)
         changed += int((upper != base).sum())
     assert changed > 0
 
 
-def test_upper_blocks_shortcut_is_refused_where_the_model_adds_to_its_input():
+def test_upper_blocks_shortcut_is_refused_where_state_crosses_blocks():
+    """Block 0's output feeds block 2 directly (as in models that share state across layers): starting
+    after block 1 from its output changes the logits, so the check must fail."""
     tok = byte_tokenizer()
-    loaded = LoadedModel(tiny_model("gpt2", n_layers=3), tok, "tiny", "r", 3, 32, "gpt2")
+    loaded = LoadedModel(tiny_model("llama", n_layers=3), tok, "tiny", "r", 3, 32, "llama")
     seqs = [[256, *b"hello there"], [256, *b"abc"]]
     _, hidden = answer(loaded, 1, seqs, [[[1], [2]]] * 2, 4, capture=True)
-    assert hidden is not None
-    assert not upper_matches(loaded, 1, seqs, hidden)[0]  # gpt2 adds position embeddings to inputs_embeds
+    assert hidden is not None and upper_matches(loaded, 1, seqs, hidden)[0]
+    blocks = find_blocks(loaded.model)
+    saved: list[torch.Tensor] = []
+    blocks[0].register_forward_hook(lambda _m, _a, out: saved.append(out) and None)
+    blocks[2].register_forward_pre_hook(lambda _m, args: (args[0] + saved[-1], *args[1:]))
+    _, hidden = answer(loaded, 1, seqs, [[[1], [2]]] * 2, 4, capture=True)
+    assert hidden is not None and not upper_matches(loaded, 1, seqs, hidden)[0]
 
 
 # ---------------------------------------------------------------- the whole eval on a tiny model

@@ -369,7 +369,7 @@ def prepare_questions(
     if kept_hidden:
         try:
             upper_ok, _ = upper_matches(loaded, layer, [seqs[i] for i in keep], kept_hidden)
-        except Exception:  # a model family whose forward cannot start from inputs_embeds: full forwards
+        except Exception:  # a model family whose blocks cannot be given their output: full forwards
             upper_ok = False
         upper_ok = _on_every_rank(upper_ok, ranks)
     stats = {
@@ -528,7 +528,8 @@ def _edited_answers(
     """The answers to the questions `batch` (one forward batch) under `edit`."""
     cands = [qs.cands[i] for i in batch]
     if qs.upper_ok and qs.hidden is not None:
-        return answer_from_hidden(loaded, layer, [qs.hidden[i] for i in batch], cands, batch_size, edit)
+        seqs, hidden = [qs.seqs[i] for i in batch], [qs.hidden[i] for i in batch]
+        return answer_from_hidden(loaded, layer, seqs, hidden, cands, batch_size, edit)
     return answer(loaded, layer, [qs.seqs[i] for i in batch], cands, batch_size, edit=edit)[0]
 
 

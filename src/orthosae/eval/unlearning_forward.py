@@ -2,12 +2,11 @@
 block-L output running only the blocks after L.
 
 Every intervention edits block L's output and leaves blocks 0..L untouched, so their output (unedited) is
-computed once, with the baseline answers, and each intervention runs blocks L+1.. only: the model's
-block list is cut to those blocks while the captured output is passed in as `inputs_embeds`. That is
-exact where the model feeds `inputs_embeds` straight into its first block (llama, mistral, qwen2, …) and
-wrong where it scales or adds to it first (gemma's √d scaling, gpt2's position embeddings), so it is
-checked against the full forward before use (`upper_matches`), and the full forward with a hook that edits
-block L's output is used otherwise.
+computed once, with the baseline answers, and each intervention runs blocks L+1.. only: blocks 0..L are
+given the captured output to return (`splice.given_block_output`, the core eval's shortcut too). That is
+exact unless the model carries state from one block to the next outside the hidden state, so it is checked
+against the full forward before use (`upper_matches`), and the full forward with a hook that edits block
+L's output is used otherwise.
 
 Under torchrun `answer` runs only the batches a `Deal` gives this rank (eval.ranks) and sums the answers over
 ranks (each row filled by one rank, zeros elsewhere: exact); `gathered` puts the captured block outputs
@@ -17,17 +16,14 @@ back the same way.
 from __future__ import annotations
 
 import inspect
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 
 import torch
 
 from orthosae.eval.prompt_acts import pad_id_of, pad_right
 from orthosae.eval.ranks import Deal, sum_rows_
-from orthosae.eval.splice import edit_block_output
+from orthosae.eval.splice import edit_block_output, given_block_output
 from orthosae.eval.unlearning_score import choose
-from orthosae.models.blocks import find_blocks
 from orthosae.models.loader import LoadedModel
 from orthosae.models.placement import input_device
 from orthosae.train.distributed import Ranks
@@ -117,23 +113,30 @@ def gathered(
     return list(flat.split(list(lengths)))
 
 
-@contextmanager
-def only_blocks_after(model: torch.nn.Module, layer: int) -> Iterator[None]:
-    """While active, the model's block list holds blocks layer+1.. only (restored afterwards)."""
-    blocks = find_blocks(model)
-    saved = blocks._modules
-    upper = list(saved.values())[layer + 1 :]
-    blocks._modules = OrderedDict((str(i), b) for i, b in enumerate(upper))
-    try:
-        yield
-    finally:
-        blocks._modules = saved
+def _padded(hidden: Sequence[torch.Tensor], width: int) -> torch.Tensor:
+    """(B, width, d): each prompt's block-L output, right-padded with zeros like its token ids."""
+    h = torch.zeros(len(hidden), width, hidden[0].shape[-1])
+    for row, one in enumerate(hidden):
+        h[row, : len(one)] = one
+    return h
+
+
+def _logits_from_hidden(
+    loaded: LoadedModel, layer: int, seqs: Sequence[Sequence[int]], h: torch.Tensor
+) -> torch.Tensor:
+    """Last-token logits (B, V) of the prompts `seqs` whose block L outputs `h` (B, T, d), running blocks
+    layer+1.. and the head only."""
+    ids, mask = pad_right(seqs, pad_id_of(loaded.tokenizer))
+    dtype = next(loaded.model.parameters()).dtype
+    with given_block_output(loaded.model, layer, h.to(dtype)):
+        return _last_logits(loaded.model, mask, input_ids=ids.to(input_device(loaded.model)))
 
 
 @torch.no_grad()
 def answer_from_hidden(
     loaded: LoadedModel,
     layer: int,
+    seqs: Sequence[Sequence[int]],
     hidden: Sequence[torch.Tensor],
     cands: Sequence[Sequence[Sequence[int]]],
     batch_size: int,
@@ -141,20 +144,13 @@ def answer_from_hidden(
 ) -> torch.Tensor:
     """Each prompt's chosen answer, (N,), running blocks layer+1.. from its (edited) block-L output."""
     device = input_device(loaded.model)
-    dtype = next(loaded.model.parameters()).dtype
     preds = torch.zeros(len(hidden), dtype=torch.long)
     for idx in _batches([len(h) for h in hidden], batch_size):
         width = max(len(hidden[i]) for i in idx)
-        h = torch.zeros(len(idx), width, hidden[idx[0]].shape[-1])
-        mask = torch.zeros(len(idx), width, dtype=torch.bool)
-        for row, i in enumerate(idx):
-            h[row, : len(hidden[i])] = hidden[i]
-            mask[row, : len(hidden[i])] = True
-        h = h.to(device)
+        h = _padded([hidden[i] for i in idx], width).to(device)
         if edit is not None:
             h = edit(h)
-        with only_blocks_after(loaded.model, layer):
-            last = _last_logits(loaded.model, mask, inputs_embeds=h.to(dtype))
+        last = _logits_from_hidden(loaded, layer, [seqs[i] for i in idx], h)
         preds[idx] = choose(last, [cands[i] for i in idx])
     return preds
 
@@ -171,17 +167,10 @@ def upper_matches(
     logits (max |Δ| ≤ tol × max |logit|)? Checked on a few prompts; returns (ok, relative max |Δ|)."""
     if not seqs:
         return False, float("nan")
-    device = input_device(loaded.model)
-    pad = pad_id_of(loaded.tokenizer)
     take = list(range(min(4, len(seqs))))
-    ids, mask = pad_right([seqs[i] for i in take], pad)
-    full = _last_logits(loaded.model, mask, input_ids=ids.to(device))
-    width = ids.shape[1]
-    h = torch.zeros(len(take), width, hidden[0].shape[-1])
-    for row, i in enumerate(take):
-        h[row, : len(hidden[i])] = hidden[i]
-    dtype = next(loaded.model.parameters()).dtype
-    with only_blocks_after(loaded.model, layer):
-        upper = _last_logits(loaded.model, mask, inputs_embeds=h.to(device, dtype))
+    ids, mask = pad_right([seqs[i] for i in take], pad_id_of(loaded.tokenizer))
+    full = _last_logits(loaded.model, mask, input_ids=ids.to(input_device(loaded.model)))
+    h = _padded([hidden[i] for i in take], ids.shape[1]).to(input_device(loaded.model))
+    upper = _logits_from_hidden(loaded, layer, [seqs[i] for i in take], h)
     rel = float((upper - full).abs().max() / full.abs().max().clamp_min(1e-12))
     return rel <= tol, rel
