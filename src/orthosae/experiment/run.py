@@ -29,9 +29,9 @@ EVAL_SECONDS = {
     "unlearning": (150.0, 150.0),
 }
 # Multipliers of the GEMM-based step estimate: ReLU's 2.4 (its dense backward) was calibrated on make run;
-# the others are scaled from it by their step times in benchmarks/step.py (d=576, n=4608, B=4096: ReLU
-# 4.15×, BatchTopK 4.29×, Matryoshka 6.38×, JumpReLU 4.39× a TopK step).
-ARCH_STEP_FACTOR = {"relu": 2.4, "batchtopk": 2.4, "matryoshka": 3.6, "jumprelu": 2.4}
+# the others are each SAE's training time against TopK's in one `orthosae run` on the 2-core CPU (tokens/s
+# in metrics.jsonl, 2026-12-03: BatchTopK 1.8× in archs.toml, Matryoshka 2.05× and JumpReLU 2.6× in make run).
+ARCH_STEP_FACTOR = {"relu": 2.4, "batchtopk": 1.8, "matryoshka": 2.1, "jumprelu": 2.6}
 SYNTHETIC_SECONDS = 45.0
 REPORT_SECONDS = 60.0
 
