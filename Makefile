@@ -31,7 +31,7 @@ $(STAMP): requirements.lock pyproject.toml
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider
 
-# The main job: the λ study on the bundled model (24.0 min from a fresh clone on 2 CPU cores, 12 SAEs). EXP=… picks another file.
+# The main job: the λ study on the bundled model (24.0–24.9 min from a fresh clone on 2 CPU cores, 12 SAEs). EXP=… picks another file.
 EXP ?= experiments/seed.toml
 run: setup
 	.venv/bin/orthosae run $(EXP)
